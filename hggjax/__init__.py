@@ -1,0 +1,41 @@
+"""hggjax: gradient compression for data-parallel JAX training.
+
+Every compressor is an optax transformation::
+
+    tx = optax.chain(hggjax.hggtopk(density=0.05, axis_name="data"), optax.sgd(0.1))
+
+Inside ``jax.shard_map`` or ``jax.pmap`` over "data", the update selects k
+elements per leaf, ``all_gather``s their values and int32 indices, and returns
+the mean over devices; the residual stays in the state.
+"""
+
+from hggjax.payload import Payload, Selection
+from hggjax.registry import (
+    ERROR_FEEDBACK,
+    Options,
+    compressors,
+    dgcsampling,
+    gaussian,
+    gaussian2,
+    get_compressor,
+    hggtopk,
+    none,
+    randomk,
+    randomkec,
+    redsync,
+    redsynctrim,
+    topk,
+    topk2,
+)
+from hggjax.sharding import compression_state, shard_state, state_specs, stats
+from hggjax.transform import CompressionState, sparsify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionState", "ERROR_FEEDBACK", "Options", "Payload", "Selection",
+    "compression_state", "compressors", "dgcsampling", "gaussian", "gaussian2",
+    "get_compressor", "hggtopk", "none", "randomk", "randomkec", "redsync",
+    "redsynctrim", "shard_state", "sparsify", "state_specs", "stats", "topk",
+    "topk2",
+]

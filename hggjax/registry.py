@@ -1,0 +1,233 @@
+"""The compressors by name, each an optax transformation.
+
+Names ending in 2, and ``randomk``, keep no residual (no error feedback); the
+others add what they did not send to the next step's gradient.
+
+Options shared by every constructor (`Options`):
+  axis_name: None (default) compresses and decompresses locally. A mapped axis
+    name ("data") exchanges the sparse payloads with ``all_gather`` over it and
+    returns their mean, identical on every device. Call the update inside
+    ``jax.shard_map`` or ``jax.pmap`` over that axis; see `hggjax.shard_state`.
+  scope: "leaf" (default) selects k = max(1, round(density * n)) elements
+    within every leaf. It is the seed's per-layer behaviour, and it keeps every
+    layer learning: one global threshold starves layers whose gradients are small
+    in magnitude (biases, late layers), and it copies the whole model into one
+    vector each step. "global" selects over all compressed leaves concatenated.
+  min_size: leaves with fewer elements are sent dense (averaged, no residual).
+    Default 0: every floating leaf is compressed; leaves smaller than 1/density
+    still send one element.
+  key: PRNG key or integer seed (randomised selectors: randomk, randomkec,
+    dgcsampling). Each device folds in its index, so selections differ per device
+    and per step.
+
+Integer and boolean leaves pass through untouched (their gradients carry no
+information: JAX gives them float0 or zeros). Floating leaves of any width work:
+selection and residuals run in float32, values travel in the gradient's dtype
+(2 bytes for bfloat16/float16, plus 4 per int32 index).
+"""
+
+from typing import TypedDict, Unpack
+
+import jax
+import optax
+
+from hggjax import hgg, selectors, validate
+from hggjax.transform import sparsify
+
+
+class Options(TypedDict, total=False):
+  axis_name: str | None
+  scope: str
+  min_size: int
+  key: jax.Array | int
+
+
+def _build(selector, density, error_feedback, options: Options):
+  unknown = set(options) - set(Options.__annotations__)
+  if unknown:
+    raise TypeError(
+        f"unknown option(s) {sorted(unknown)}; shared options are "
+        f"{sorted(Options.__annotations__)}.")
+  return sparsify(
+      selector,
+      validate.density(density),
+      error_feedback=error_feedback,
+      axis_name=validate.axis_name(options.get("axis_name")),
+      scope=validate.scope(options.get("scope", "leaf")),
+      min_size=validate.int_at_least("min_size", options.get("min_size", 0), 0),
+      key=options.get("key", 0),
+  )
+
+
+def none(density: float | None = None, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """No compression: the dense mean over `axis_name` (identity without one).
+
+  Args:
+    density: accepted so that every name takes the same arguments; unused.
+    **options: see `Options`.
+  """
+  if density is not None:
+    validate.density(density)
+  return _build(None, 1.0, False, options)
+
+
+def topk(density: float, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """Exact top-k by magnitude, with error feedback (Aji & Heafield 2017).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, hggjax
+    >>> tx = optax.chain(hggjax.topk(density=0.5), optax.sgd(1.0))
+    >>> params = {"w": jnp.zeros(4)}
+    >>> updates, state = tx.update({"w": jnp.array([1., -3., 0.5, 2.])}, tx.init(params))
+    >>> updates["w"]
+    Array([-0., 3., -0., -2.], dtype=float32)
+  """
+  return _build(selectors.exact_topk(), density, True, options)
+
+
+def topk2(density: float, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """Exact top-k by magnitude, without error feedback."""
+  return _build(selectors.exact_topk(), density, False, options)
+
+
+def gaussian(density: float, *, refine_steps: int = 3, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """Gaussian-k with error feedback (Shi et al. 2019); see `selectors.gaussian`.
+
+  Args:
+    density: share of elements sent, in (0, 1].
+    refine_steps: count-and-adjust rounds after the Gaussian estimate (>= 0).
+    **options: see `Options`.
+  """
+  steps = validate.int_at_least("refine_steps", refine_steps, 0)
+  return _build(selectors.gaussian(steps), density, True, options)
+
+
+def gaussian2(density: float, *, refine_steps: int = 3, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """Gaussian-k without error feedback; arguments as in `gaussian`."""
+  steps = validate.int_at_least("refine_steps", refine_steps, 0)
+  return _build(selectors.gaussian(steps), density, False, options)
+
+
+def randomk(density: float, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """k uniformly random elements, without error feedback (a baseline)."""
+  return _build(selectors.random_k(), density, False, options)
+
+
+def randomkec(density: float, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """k uniformly random elements, with error feedback."""
+  return _build(selectors.random_k(), density, True, options)
+
+
+def dgcsampling(
+    density: float,
+    *,
+    sample_ratio: float = 0.01,
+    min_sample: int = 1024,
+    refine_steps: int = 2,
+    **options: Unpack[Options],
+) -> optax.GradientTransformationExtraArgs:
+  """DGC's sampled threshold with error feedback (Lin et al. 2018).
+
+  Args:
+    density: share of elements sent, in (0, 1].
+    sample_ratio: share of elements sampled to estimate the threshold, (0, 1].
+    min_sample: floor on the sample size (>= 1).
+    refine_steps: count-and-adjust rounds on the whole vector (>= 0).
+    **options: see `Options`.
+  """
+  selector = selectors.dgc_sampling(
+      validate.in_unit_interval("sample_ratio", sample_ratio),
+      validate.int_at_least("min_sample", min_sample, 1),
+      validate.int_at_least("refine_steps", refine_steps, 0))
+  return _build(selector, density, True, options)
+
+
+def redsync(density: float, *, search_steps: int = 12, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """RedSync's threshold binary search with error feedback (Fang et al. 2019).
+
+  Args:
+    density: share of elements sent, in (0, 1].
+    search_steps: bisection rounds between mean and max of |acc| (>= 1).
+    **options: see `Options`.
+  """
+  steps = validate.int_at_least("search_steps", search_steps, 1)
+  return _build(selectors.redsync(steps), density, True, options)
+
+
+def redsynctrim(density: float, *, trim_steps: int = 10, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """RedSync's trimmed top-k with error feedback (Fang et al. 2019).
+
+  Args:
+    density: share of elements sent, in (0, 1].
+    trim_steps: cuts tried from max down to mean of |acc| (>= 1).
+    **options: see `Options`.
+  """
+  steps = validate.int_at_least("trim_steps", trim_steps, 1)
+  return _build(selectors.redsync_trim(steps), density, True, options)
+
+
+def hggtopk(
+    density: float,
+    *,
+    num_bins: int = 1024,
+    gamma: float = 1000.0,
+    tolerance: float = 0.01,
+    beta: float = 0.98,
+    **options: Unpack[Options],
+) -> optax.GradientTransformationExtraArgs:
+  """HGG-TopK: history-guided log-histogram threshold, with error feedback.
+
+  The seed's algorithm (steps in `hggjax.hgg`): the previous step's threshold
+  (kept in state) is accepted when it passes k within tolerance; otherwise a
+  histogram over log1p(gamma * |acc|) finds the bin of the k-th element and the
+  threshold interpolates inside it. The k largest above it are sent.
+
+  Args:
+    density: share of elements sent, in (0, 1].
+    num_bins: histogram bins (NUM_BINS, >= 2).
+    gamma: log-scaling factor (GAMMA, > 0): bins are uniform in log1p(gamma*|x|).
+    tolerance: accepted miss, as a share of k (TOLERANCE, in (0, 1]).
+    beta: interpolation coefficient inside the chosen bin (BETA, in (0, 1]);
+      below 1 it lowers the threshold so that a few more pass and the trim keeps
+      the exact k largest.
+    **options: see `Options`.
+
+  Example:
+    >>> import optax, hggjax
+    >>> tx = optax.chain(hggjax.hggtopk(density=0.05), optax.sgd(0.1))
+  """
+  selector = hgg.hgg_topk(
+      num_bins=validate.int_at_least("num_bins", num_bins, 2),
+      gamma=validate.positive("gamma", gamma),
+      tolerance=validate.in_unit_interval("tolerance", tolerance),
+      beta=validate.in_unit_interval("beta", beta))
+  return _build(selector, density, True, options)
+
+
+compressors = {
+    "none": none,
+    "topk": topk,
+    "topk2": topk2,
+    "gaussian": gaussian,
+    "gaussian2": gaussian2,
+    "randomk": randomk,
+    "randomkec": randomkec,
+    "dgcsampling": dgcsampling,
+    "redsync": redsync,
+    "redsynctrim": redsynctrim,
+    "hggtopk": hggtopk,
+}
+
+ERROR_FEEDBACK = frozenset({"topk", "gaussian", "randomkec", "dgcsampling", "redsync", "redsynctrim", "hggtopk"})
+
+
+def get_compressor(name: str, **kwargs) -> optax.GradientTransformationExtraArgs:
+  """The compressor registered as `name`, built with `kwargs`.
+
+  Example:
+    >>> import hggjax
+    >>> tx = hggjax.get_compressor("gaussian2", density=0.01)
+  """
+  if name not in compressors:
+    raise ValueError(f"unknown compressor {name!r}; valid names: {', '.join(sorted(compressors))}.")
+  return compressors[name](**kwargs)

@@ -1,0 +1,93 @@
+"""Placing optimizer state for a data-parallel step under ``jax.shard_map``.
+
+Residuals (and the per-step statistics) differ per device, so a compressor's
+state carries a leading device axis sharded ``P(axis_name)``; everything else
+in the optimizer state (momentum, step counts) is replicated, ``P()``.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hggjax.transform import CompressionState
+
+
+def _is_compression(x) -> bool:
+  return isinstance(x, CompressionState)
+
+
+def state_specs(opt_state: Any, axis_name: str) -> Any:
+  """PartitionSpecs for `opt_state`: P(axis_name) inside compressor states, P() elsewhere.
+
+  Use them as the ``in_specs``/``out_specs`` entry of the optimizer state.
+  """
+
+  def spec(sub):
+    if _is_compression(sub):
+      return jax.tree.map(lambda _: P(axis_name), sub)
+    return P()
+
+  return jax.tree.map(spec, opt_state, is_leaf=_is_compression)
+
+
+def shard_state(opt_state: Any, mesh: Mesh, axis_name: str) -> Any:
+  """`opt_state` from ``tx.init`` placed on `mesh`, ready for ``jax.shard_map``.
+
+  Compressor states (built with ``axis_name=axis_name``) are repeated once per
+  device along their leading axis and sharded over `axis_name`; every other leaf
+  is replicated.
+
+  Example:
+    >>> import jax, optax, hggjax
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> tx = optax.chain(hggjax.topk(0.1, axis_name="data"), optax.sgd(0.1))
+    >>> state = hggjax.shard_state(tx.init({"w": jax.numpy.ones(8)}), mesh, "data")
+  """
+  devices = mesh.shape[axis_name]
+  per_device = NamedSharding(mesh, P(axis_name))
+  replicated = NamedSharding(mesh, P())
+
+  def place(sub):
+    if not _is_compression(sub):
+      return jax.device_put(sub, replicated)
+    if sub.count.ndim != 1:
+      raise ValueError(
+          "this compressor state has no device axis: build the compressor with "
+          f"axis_name={axis_name!r} before calling tx.init.")
+    return jax.tree.map(
+        lambda x: jax.device_put(jnp.repeat(x, devices, axis=0), per_device), sub)
+
+  return jax.tree.map(place, opt_state, is_leaf=_is_compression)
+
+
+def compression_state(opt_state: Any) -> CompressionState:
+  """The first `CompressionState` inside `opt_state` (e.g. an optax.chain's state)."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_compression) if _is_compression(x)]
+  if not found:
+    raise ValueError("no hggjax compressor state found in this optimizer state.")
+  return found[0]
+
+
+def stats(opt_state: Any) -> dict[str, jax.Array]:
+  """What the last step did, read from the compressor's state, for logging.
+
+  Keys: ``selected`` (elements sent), ``passed`` (met the threshold before the
+  trim), ``k`` (target), ``threshold`` (float32[G], smallest magnitude sent per
+  group), ``history_hits`` (groups where hggtopk reused last step's threshold),
+  ``groups``, ``sent_bytes`` and ``dense_bytes`` (this device's payload vs a dense
+  exchange). With a device axis each value has a leading axis of length P:
+  reduce it yourself (e.g. sum ``sent_bytes`` for the whole wire).
+  """
+  s = compression_state(opt_state)
+  return {
+      "selected": s.selected,
+      "passed": s.passed,
+      "k": s.k,
+      "threshold": s.threshold,
+      "history_hits": jnp.sum(s.history_hit, axis=-1),
+      "groups": jnp.full(s.k.shape, s.threshold.shape[-1]),
+      "sent_bytes": s.sent_bytes,
+      "dense_bytes": s.dense_bytes,
+  }
