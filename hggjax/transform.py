@@ -100,6 +100,10 @@ def sparsify(
     min_size: leaves with fewer elements are sent dense (averaged, no residual).
     key: PRNG key or integer seed for randomised selectors.
 
+  The update takes one optional keyword, ``device_index``: with ``axis_name=None``
+  it makes the update behave as device i of a data-parallel group would (the
+  same random draws), so P devices can be simulated without collectives.
+
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is `CompressionState`.
   """
@@ -136,14 +140,22 @@ def sparsify(
         dense_bytes=jnp.zeros((), jnp.float32),
     ))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, device_index=None, **extra_args):
+    """Compress `updates`; `device_index` lets one process play device i without an axis."""
     del params, extra_args
     state = local(state)
     leaves, treedef = jax.tree.flatten(updates)
     plan = _plan(leaves, density, scope, min_size)
     key, next_key = jax.random.split(state.rng_key)
     if axis_name is not None:
-      key = jax.random.fold_in(key, exchange.device_index(axis_name))
+      if device_index is not None:
+        raise ValueError(
+            "device_index is for axis_name=None only: under an axis the device "
+            "index is the axis index.")
+      device_index = exchange.device_index(axis_name)
+    if device_index is not None:
+      # Random selections differ per device: fold the device into this step's key.
+      key = jax.random.fold_in(key, device_index)
 
     out = list(leaves)  # non-floating leaves pass through untouched
     residual = list(state.residual) if error_feedback else None

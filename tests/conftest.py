@@ -1,0 +1,13 @@
+"""Test setup shared by every test: 8 fake CPU devices, set before JAX starts."""
+
+import os
+
+# Must happen before the first JAX backend is created; conftest is imported
+# before any test module.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+NUM_DEVICES = 4  # what multi-device tests use out of the 8

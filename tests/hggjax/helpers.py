@@ -1,0 +1,36 @@
+"""Shared test data and references."""
+
+import numpy as np
+
+SHAPES = {
+    "scalar": (),
+    "vector": (5,),
+    "matrix": (3, 4),
+    "rank3": (2, 3, 4),
+    "conv": (7, 7, 3, 64),
+}
+
+
+def gradients(seed: int, dtype=np.float32, shapes=SHAPES) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
+
+
+def draw(distribution: str, n: int, seed: int = 0) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  if distribution == "normal":
+    return rng.standard_normal(n).astype(np.float32)
+  if distribution == "laplace":
+    return rng.laplace(size=n).astype(np.float32)
+  if distribution == "t3":
+    return rng.standard_t(3, size=n).astype(np.float32)
+  raise ValueError(distribution)
+
+
+def exact_topk_positions(x: np.ndarray, k: int) -> np.ndarray:
+  """Positions of the k largest |x| (numpy reference, stable on ties)."""
+  return np.argsort(-np.abs(x.ravel()), kind="stable")[:k]
+
+
+def k_of(density: float, n: int) -> int:
+  return max(1, round(density * n))

@@ -1,0 +1,141 @@
+"""The sparse exchange on 4 fake CPU devices: shard_map, pmap and a local reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import hggjax
+from tests.conftest import NUM_DEVICES
+from tests.hggjax import helpers
+
+NAMES = sorted(hggjax.compressors)
+SHAPES = {"scalar": (), "bias": (16,), "conv": (3, 3, 8, 16), "dense": (64, 32)}
+
+
+def _per_device_grads(step: int) -> dict[str, np.ndarray]:
+  """Gradients with a leading device axis: every device sees different values."""
+  return {name: np.stack([g[name] for g in (helpers.gradients(100 * step + d, shapes=SHAPES)
+                                           for d in range(NUM_DEVICES))])
+          for name in SHAPES}
+
+
+def _mesh():
+  return jax.make_mesh((NUM_DEVICES,), ("data",), devices=jax.devices()[:NUM_DEVICES])
+
+
+def _shard_map_update(tx, mesh, state):
+  specs = hggjax.state_specs(state, "data")
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), specs), out_specs=(P(), specs))
+  def update(grads, state):
+    return tx.update(jax.tree.map(lambda g: g[0], grads), state)
+
+  return update
+
+
+def _local_reference(name, grads_steps, **kwargs):
+  """Per device: the same compressor without an axis, playing device d.
+
+  Returns, per step, the mean of the per-device decompressions (no collective),
+  and per device the list of (acc, sent, residual) for every step.
+  """
+  tx = hggjax.get_compressor(name, density=0.05, **kwargs)
+  update = jax.jit(tx.update)
+  states = [tx.init(jax.tree.map(lambda g: g[0], grads_steps[0])) for _ in range(NUM_DEVICES)]
+  means = []
+  for grads in grads_steps:
+    outs = []
+    for d in range(NUM_DEVICES):
+      out, states[d] = update(jax.tree.map(lambda g: g[d], grads), states[d], device_index=d)
+      outs.append(out)
+    means.append(jax.tree.map(lambda *o: sum(np.asarray(x, np.float32) for x in o) / NUM_DEVICES, *outs))
+  return means, states
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shard_map_equals_mean_of_local_decompressions_and_pmap(name):
+  mesh = _mesh()
+  grads_steps = [_per_device_grads(s) for s in range(2)]
+  tx = hggjax.get_compressor(name, density=0.05, axis_name="data")
+  state = hggjax.shard_state(tx.init(jax.tree.map(lambda g: g[0], grads_steps[0])), mesh, "data")
+  update = _shard_map_update(tx, mesh, state)
+  pmapped = jax.pmap(tx.update, axis_name="data", devices=jax.devices()[:NUM_DEVICES])
+  pstate = jax.tree.map(lambda x: jnp.stack([x[0]] * NUM_DEVICES)[:, None],
+                        tx.init(jax.tree.map(lambda g: g[0], grads_steps[0])))
+  means, _ = _local_reference(name, grads_steps)
+  sharding = NamedSharding(mesh, P("data"))
+  for grads, expected in zip(grads_steps, means):
+    out, state = update(jax.device_put(grads, sharding), state)
+    pout, pstate = pmapped(grads, pstate)
+    for leaf in SHAPES:
+      np.testing.assert_allclose(np.asarray(out[leaf]), expected[leaf], rtol=1e-6, atol=1e-7, err_msg=leaf)
+      for d in range(NUM_DEVICES):  # pmap: every device holds the same mean
+        np.testing.assert_allclose(np.asarray(pout[leaf][d]), np.asarray(out[leaf]), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(hggjax.ERROR_FEEDBACK))
+def test_error_feedback_identity_on_every_device(name):
+  mesh = _mesh()
+  grads_steps = [_per_device_grads(s) for s in range(2)]
+  tx = hggjax.get_compressor(name, density=0.05, axis_name="data")
+  state = hggjax.shard_state(tx.init(jax.tree.map(lambda g: g[0], grads_steps[0])), mesh, "data")
+  update = _shard_map_update(tx, mesh, state)
+  local = hggjax.get_compressor(name, density=0.05)
+  local_update = jax.jit(local.update)
+  names = sorted(SHAPES)
+  for grads in grads_steps:
+    _, new_state = update(jax.device_put(grads, NamedSharding(mesh, P("data"))), state)
+    for d in range(NUM_DEVICES):
+      old_d = jax.tree.map(lambda x: np.asarray(x)[d], state)  # this device's state, no device axis
+      sent, _ = local_update(jax.tree.map(lambda g: g[d], grads), old_d, device_index=d)
+      for i, leaf in enumerate(names):
+        acc = grads[leaf][d] + np.asarray(old_d.residual[i])
+        np.testing.assert_array_equal(
+            acc, np.asarray(sent[leaf]) + np.asarray(new_state.residual[i])[d], err_msg=(leaf, d))
+    state = new_state
+
+
+@pytest.mark.parametrize("name,dtype,value_bytes", [
+    ("topk", jnp.float32, 4), ("hggtopk", jnp.float32, 4), ("hggtopk", jnp.bfloat16, 2)])
+def test_reported_bytes_are_what_the_gather_moves(name, dtype, value_bytes):
+  mesh = _mesh()
+  grads = jax.tree.map(lambda g: jnp.asarray(g, dtype), _per_device_grads(0))
+  tx = hggjax.get_compressor(name, density=0.05, axis_name="data")
+  state = hggjax.shard_state(tx.init(jax.tree.map(lambda g: g[0], grads)), mesh, "data")
+  _, state = _shard_map_update(tx, mesh, state)(jax.device_put(grads, NamedSharding(mesh, P("data"))), state)
+  capacity = sum(helpers.k_of(0.05, int(np.prod(s))) for s in SHAPES.values())
+  stats = hggjax.stats(state)
+  np.testing.assert_array_equal(stats["k"], [capacity] * NUM_DEVICES)
+  # Each device sends C slots of (value, int32 index); all P payloads arrive everywhere.
+  assert float(np.sum(stats["sent_bytes"])) == NUM_DEVICES * capacity * (value_bytes + 4)
+  dense = sum(int(np.prod(s)) for s in SHAPES.values()) * value_bytes
+  np.testing.assert_array_equal(stats["dense_bytes"], [dense] * NUM_DEVICES)
+
+
+def test_no_dense_collective_in_the_compiled_exchange():
+  mesh = _mesh()
+  grads = _per_device_grads(0)
+  tx = hggjax.hggtopk(0.05, axis_name="data")
+  state = hggjax.shard_state(tx.init(jax.tree.map(lambda g: g[0], grads)), mesh, "data")
+  update = _shard_map_update(tx, mesh, state)
+  hlo = update.lower(jax.device_put(grads, NamedSharding(mesh, P("data"))), state).as_text()
+  assert "all_gather" in hlo or "all-gather" in hlo
+  assert "all_reduce" not in hlo and "all-reduce" not in hlo and "psum" not in hlo
+
+
+def test_update_with_an_unbound_axis_says_what_to_do():
+  tx = hggjax.topk(0.1, axis_name="data")
+  grads = {"w": jnp.ones(10)}
+  with pytest.raises(ValueError, match="shard_map or jax.pmap"):
+    tx.update(grads, tx.init(grads))
+
+
+def test_shard_state_needs_an_axis_named_compressor():
+  tx = hggjax.topk(0.1)
+  with pytest.raises(ValueError, match="axis_name='data'"):
+    hggjax.shard_state(tx.init({"w": jnp.ones(10)}), _mesh(), "data")

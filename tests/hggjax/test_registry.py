@@ -1,0 +1,99 @@
+"""The registry's names, lookup and argument validation."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+import hggjax
+
+ELEVEN = ["dgcsampling", "gaussian", "gaussian2", "hggtopk", "none", "randomk",
+          "randomkec", "redsync", "redsynctrim", "topk", "topk2"]
+
+
+def test_registry_holds_exactly_the_eleven_names():
+  assert sorted(hggjax.compressors) == ELEVEN
+  for name in ELEVEN:
+    assert getattr(hggjax, name) is hggjax.compressors[name]
+  assert hggjax.ERROR_FEEDBACK == {"topk", "gaussian", "randomkec", "dgcsampling", "redsync",
+                                   "redsynctrim", "hggtopk"}
+
+
+def test_unknown_name_lists_the_valid_ones():
+  with pytest.raises(ValueError, match="unknown compressor 'gtopk'; valid names: dgcsampling, gaussian"):
+    hggjax.get_compressor("gtopk", density=0.1)
+
+
+@pytest.mark.parametrize("density", [0, 0.0, -0.1, 1.5, float("nan"), "0.1", None, True])
+@pytest.mark.parametrize("name", [n for n in ELEVEN if n != "none"])
+def test_density_outside_unit_interval_is_rejected(name, density):
+  with pytest.raises(ValueError, match=r"density must be a Python float in \(0, 1\]"):
+    hggjax.get_compressor(name, density=density)
+
+
+def test_none_accepts_and_checks_density():
+  hggjax.none(density=0.05)
+  with pytest.raises(ValueError, match="density"):
+    hggjax.none(density=2.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_bins": 1}, r"num_bins must be an integer >= 2"),
+    ({"num_bins": 2.5}, r"num_bins must be an integer >= 2"),
+    ({"gamma": 0.0}, r"gamma must be a number > 0"),
+    ({"gamma": -1.0}, r"gamma must be a number > 0"),
+    ({"tolerance": 0.0}, r"tolerance must be a float in \(0, 1\]"),
+    ({"tolerance": 1.5}, r"tolerance must be a float in \(0, 1\]"),
+    ({"beta": 0.0}, r"beta must be a float in \(0, 1\]"),
+    ({"beta": 1.01}, r"beta must be a float in \(0, 1\]"),
+])
+def test_hggtopk_knobs_are_validated(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    hggjax.hggtopk(0.05, **kwargs)
+
+
+def test_hggtopk_defaults_are_the_seeds():
+  import inspect
+  params = inspect.signature(hggjax.hggtopk).parameters
+  assert {k: params[k].default for k in ("num_bins", "gamma", "tolerance", "beta")} == {
+      "num_bins": 1024, "gamma": 1000.0, "tolerance": 0.01, "beta": 0.98}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"scope": "layer"}, r"scope must be one of \('leaf', 'global'\)"),
+    ({"min_size": -1}, r"min_size must be an integer >= 0"),
+    ({"axis_name": 3}, r"axis_name must be None"),
+    ({"axis": "data"}, r"unknown option\(s\) \['axis'\]"),
+])
+def test_shared_options_are_validated(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    hggjax.topk(0.05, **kwargs)
+
+
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("gaussian", {"refine_steps": -1}, "refine_steps must be an integer >= 0"),
+    ("dgcsampling", {"sample_ratio": 0.0}, r"sample_ratio must be a float in \(0, 1\]"),
+    ("dgcsampling", {"min_sample": 0}, "min_sample must be an integer >= 1"),
+    ("redsync", {"search_steps": 0}, "search_steps must be an integer >= 1"),
+    ("redsynctrim", {"trim_steps": 0}, "trim_steps must be an integer >= 1"),
+])
+def test_method_knobs_are_validated(name, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    hggjax.get_compressor(name, density=0.05, **kwargs)
+
+
+def test_device_index_under_an_axis_is_rejected():
+  import jax
+  tx = hggjax.topk(0.5, axis_name="i")
+  g = jnp.ones((2, 4))
+  state = jax.tree.map(lambda x: jnp.stack([x, x]), tx.init(g[0]))
+  with pytest.raises(ValueError, match="device_index is for axis_name=None only"):
+    jax.vmap(lambda g, s: tx.update(g, s, device_index=0), axis_name="i")(g, state)
+
+
+def test_importing_hggjax_stays_lean():
+  code = ("import sys, hggjax; heavy = {'flax', 'tensorflow', 'tensorflow_datasets', "
+          "'train', 'matplotlib', 'orbax'} & set(sys.modules); print(sorted(heavy))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
