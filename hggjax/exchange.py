@@ -26,17 +26,22 @@ def device_index(axis_name: str) -> jax.Array:
 
 
 def sparse_mean(payload: Payload, n: int, axis_name: str | None) -> jax.Array:
-  """float32[n]: the mean over devices of every device's decompressed payload."""
+  """float32[m, n]: per row, the mean over devices of every device's decompressed payload.
+
+  `payload` holds m rows (selection groups of n elements each) of C slots.
+  """
   values, indices = payload.values.astype(jnp.float32), payload.indices
-  if axis_name is None:
-    return jnp.zeros(n, jnp.float32).at[indices].add(values, mode="drop")
-  # "invarying": the gathered payload is the same on every device, so the
-  # result is too, and shard_map's check_vma accepts it as a replicated output.
-  values = jax.lax.all_gather(values, axis_name, to="invarying")
-  indices = jax.lax.all_gather(indices, axis_name, to="invarying")
-  devices = values.shape[0]
-  total = jnp.zeros(n, jnp.float32).at[indices.ravel()].add(values.ravel(), mode="drop")
-  return total / devices
+  devices = 1
+  if axis_name is not None:
+    # "invarying": the gathered payload is the same on every device, so the
+    # result is too, and shard_map's check_vma accepts it as a replicated output.
+    values = jax.lax.all_gather(values, axis_name, to="invarying")    # [P, m, C]
+    indices = jax.lax.all_gather(indices, axis_name, to="invarying")  # [P, m, C]
+    devices = values.shape[0]
+  m = values.shape[-2]
+  row = jnp.broadcast_to(jnp.arange(m)[:, None], indices.shape)
+  total = jnp.zeros((m, n), jnp.float32).at[row, indices].add(values, mode="drop")
+  return total if devices == 1 else total / devices
 
 
 def dense_mean(x: jax.Array, axis_name: str | None) -> jax.Array:

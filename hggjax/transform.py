@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from hggjax import exchange
-from hggjax.payload import Payload
+from hggjax.payload import Payload, Selection
 from hggjax.selectors import Selector
 
 Scope = Literal["leaf", "global"]
@@ -50,7 +50,10 @@ class _Plan:
   sparse: tuple[int, ...]               # leaves that are selected from
   dense: tuple[int, ...]                # floating leaves sent whole (mean)
   groups: tuple[tuple[int, ...], ...]   # selection groups, leaf indices each
+  sizes: tuple[int, ...]                # elements per group
   ks: tuple[int, ...]                   # k per group
+  wires: tuple[Any, ...]                # dtype the values of each group travel in
+  buckets: tuple[tuple[int, ...], ...]  # groups of equal size and wire dtype
 
   @property
   def num_groups(self) -> int:
@@ -65,13 +68,24 @@ def _plan(leaves: Sequence[Any], density: float, scope: Scope, min_size: int) ->
     groups = (sparse,) if sparse else ()
   else:
     groups = tuple((i,) for i in sparse)
-  sizes = [sum(leaves[i].size for i in g) for g in groups]
+  sizes = tuple(sum(leaves[i].size for i in g) for g in groups)
   ks = tuple(max(1, round(density * n)) for n in sizes)
-  return _Plan(sparse, dense, groups, ks)
+  wires = tuple(jnp.result_type(*[leaves[i].dtype for i in g]) for g in groups)
+  # Groups of one size are selected by one loop body (lax.map): a model with
+  # many same-shaped layers compiles the selector once per size, not per leaf.
+  buckets: dict[tuple[int, str], list[int]] = {}
+  for g, (n, wire) in enumerate(zip(sizes, wires)):
+    buckets.setdefault((n, str(wire)), []).append(g)
+  return _Plan(sparse, dense, groups, sizes, ks, wires,
+               tuple(tuple(b) for b in buckets.values()))
 
 
-def _wire_dtype(leaves, group):
-  return jnp.result_type(*[leaves[i].dtype for i in group])
+def _select_rows(selector: Selector, x, k, prev_thresholds, keys) -> Selection:
+  """`selector` over the rows of x[m, n]; every Selection field gains a leading m."""
+  if x.shape[0] == 1:
+    return jax.tree.map(lambda a: a[None], selector(x[0], k, prev_thresholds[0], keys[0]))
+  return jax.lax.map(lambda args: selector(args[0], k, args[1], args[2]),
+                     (x, prev_thresholds, keys))
 
 
 def sparsify(
@@ -167,47 +181,52 @@ def sparsify(
       dense_bytes += leaves[i].size * leaves[i].dtype.itemsize
     dense_bytes += sent_bytes
 
-    thresholds, hits, selected, passed = [], [], [], []
-    for g, (group, k) in enumerate(zip(plan.groups, plan.ks)):
-      # Step 1: error feedback, acc = g + residual, flattened (and concatenated).
-      acc = [leaves[i].astype(jnp.float32).ravel() for i in group]
-      if error_feedback:
-        acc = [a + state.residual[i].ravel() for a, i in zip(acc, group)]
-      x = acc[0] if len(acc) == 1 else jnp.concatenate(acc)
-      # Step 2: select k positions; read their values in the wire dtype.
-      sel = selector(x, k, state.threshold[g], jax.random.fold_in(key, g))
-      wire = _wire_dtype(leaves, group)
-      values = x.at[sel.indices].get(mode="fill", fill_value=0).astype(wire)
-      payload = Payload(values, sel.indices)
-      sent_bytes += k * (wire.itemsize + 4)
-      # Step 3: exchange, then the mean of every device's payload, per leaf.
-      mean = exchange.sparse_mean(payload, x.shape[0], axis_name)
+    threshold, history_hit = state.threshold, state.history_hit
+    selected = passed = jnp.zeros((), jnp.int32)
+    for bucket in plan.buckets:
+      n, k, wire = plan.sizes[bucket[0]], plan.ks[bucket[0]], plan.wires[bucket[0]]
+      # Step 1: error feedback, acc = g + residual: one flat float32 row per group.
+      rows = []
+      for g in bucket:
+        acc = [leaves[i].astype(jnp.float32).ravel() for i in plan.groups[g]]
+        if error_feedback:
+          acc = [a + state.residual[i].ravel() for a, i in zip(acc, plan.groups[g])]
+        rows.append(acc[0] if len(acc) == 1 else jnp.concatenate(acc))
+      x = jnp.stack(rows)  # [m, n]
+      # Step 2: select k positions per row; read their values in the wire dtype.
+      ids = jnp.asarray(bucket)
+      keys = jnp.stack([jax.random.fold_in(key, g) for g in bucket])
+      sel = _select_rows(selector, x, k, threshold[ids], keys)
+      values = jnp.take_along_axis(x, sel.indices, axis=1, mode="fill", fill_value=0)
+      values = values.astype(wire)
+      sent_bytes += len(bucket) * k * (wire.itemsize + 4)
+      # Step 3: exchange, then the mean of every device's payload.
+      mean = exchange.sparse_mean(Payload(values, sel.indices), n, axis_name)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.
       if error_feedback:
-        rest = x.at[sel.indices].add(-values.astype(jnp.float32), mode="drop")
-      offset = 0
-      for i in group:
-        n = leaves[i].size
-        out[i] = mean[offset:offset + n].reshape(leaves[i].shape).astype(leaves[i].dtype)
-        if error_feedback:
-          residual[i] = rest[offset:offset + n].reshape(leaves[i].shape)
-        offset += n
-      thresholds.append(sel.threshold)
-      hits.append(sel.history_hit)
-      selected.append(jnp.sum(sel.indices < x.shape[0], dtype=jnp.int32))
-      passed.append(sel.passed)
-
-    def total(xs):
-      return sum(xs) if xs else jnp.zeros((), jnp.int32)
+        row = jnp.arange(len(bucket))[:, None]
+        rest = x.at[row, sel.indices].add(-values.astype(jnp.float32), mode="drop")
+      for r, g in enumerate(bucket):
+        offset = 0
+        for i in plan.groups[g]:
+          size, shape = leaves[i].size, leaves[i].shape
+          out[i] = mean[r, offset:offset + size].reshape(shape).astype(leaves[i].dtype)
+          if error_feedback:
+            residual[i] = rest[r, offset:offset + size].reshape(shape)
+          offset += size
+      threshold = threshold.at[ids].set(sel.threshold)
+      history_hit = history_hit.at[ids].set(sel.history_hit)
+      selected += jnp.sum(sel.indices < n, dtype=jnp.int32)
+      passed += jnp.sum(sel.passed, dtype=jnp.int32)
 
     new_state = CompressionState(
         count=optax.safe_increment(state.count),
         rng_key=next_key,
         residual=tuple(residual) if error_feedback else None,
-        threshold=jnp.stack(thresholds) if thresholds else state.threshold,
-        history_hit=jnp.stack(hits) if hits else state.history_hit,
-        selected=jnp.asarray(total(selected), jnp.int32),
-        passed=jnp.asarray(total(passed), jnp.int32),
+        threshold=threshold,
+        history_hit=history_hit,
+        selected=selected,
+        passed=passed,
         k=state.k,
         sent_bytes=jnp.asarray(sent_bytes, jnp.float32),
         dense_bytes=jnp.asarray(dense_bytes, jnp.float32),

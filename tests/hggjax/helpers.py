@@ -6,6 +6,7 @@ SHAPES = {
     "scalar": (),
     "vector": (5,),
     "matrix": (3, 4),
+    "matrix_t": (4, 3),  # same size as "matrix": selected in one loop with it
     "rank3": (2, 3, 4),
     "conv": (7, 7, 3, 64),
 }
