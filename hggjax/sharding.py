@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hggjax.transform import CompressionState
@@ -49,15 +50,23 @@ def shard_state(opt_state: Any, mesh: Mesh, axis_name: str) -> Any:
   per_device = NamedSharding(mesh, P(axis_name))
   replicated = NamedSharding(mesh, P())
 
+  def build(x, sharding, shape):
+    # Each process fills only its own devices from its host copy: no device
+    # ever holds P copies, and the same call works across processes.
+    x = np.asarray(x)
+    return jax.make_array_from_callback(shape, sharding, lambda index: x[index])
+
   def place(sub):
     if not _is_compression(sub):
-      return jax.device_put(sub, replicated)
+      return jax.tree.map(lambda x: build(x, replicated, np.shape(x)), sub)
     if sub.count.ndim != 1:
       raise ValueError(
           "this compressor state has no device axis: build the compressor with "
           f"axis_name={axis_name!r} before calling tx.init.")
+    # Every device starts from the same state: slot d of the device axis is x[0].
     return jax.tree.map(
-        lambda x: jax.device_put(jnp.repeat(x, devices, axis=0), per_device), sub)
+        lambda x: build(np.broadcast_to(x, (devices,) + x.shape[1:]), per_device,
+                        (devices,) + x.shape[1:]), sub)
 
   return jax.tree.map(place, opt_state, is_leaf=_is_compression)
 
