@@ -1,6 +1,7 @@
 """The sparse exchange on 4 fake CPU devices: shard_map, pmap and a local reference."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +17,10 @@ NAMES = sorted(hggjax.compressors)
 SHAPES = {"scalar": (), "bias": (16,), "conv": (3, 3, 8, 16), "dense": (64, 32)}
 
 
-def _per_device_grads(step: int) -> dict[str, np.ndarray]:
+def _per_device_grads(step: int, shapes=SHAPES) -> dict[str, np.ndarray]:
   """Gradients with a leading device axis: every device sees different values."""
-  return {name: np.stack([g[name] for g in (helpers.gradients(100 * step + d, shapes=SHAPES)
-                                           for d in range(NUM_DEVICES))])
-          for name in SHAPES}
+  per_device = [helpers.gradients(100 * step + d, shapes=shapes) for d in range(NUM_DEVICES)]
+  return {name: np.stack([g[name] for g in per_device]) for name in shapes}
 
 
 def _mesh():
@@ -59,8 +59,21 @@ def _local_reference(name, grads_steps, **kwargs):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shard_map_equals_mean_of_local_decompressions_and_pmap(name):
+  _check_against_local_reference(name, SHAPES)
+
+
+# Large enough for the selectors' fast paths (radix.MIN_FAST_N and above).
+LARGE = {"big": (3, 65_536), "bias": (10,)}
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - {"none"}))
+def test_large_leaves_match_the_local_reference_under_shard_map(name):
+  _check_against_local_reference(name, LARGE)
+
+
+def _check_against_local_reference(name, shapes):
   mesh = _mesh()
-  grads_steps = [_per_device_grads(s) for s in range(2)]
+  grads_steps = [_per_device_grads(s, shapes) for s in range(2)]
   tx = hggjax.get_compressor(name, density=0.05, axis_name="data")
   state = hggjax.shard_state(tx.init(jax.tree.map(lambda g: g[0], grads_steps[0])), mesh, "data")
   update = _shard_map_update(tx, mesh, state)
@@ -72,7 +85,7 @@ def test_shard_map_equals_mean_of_local_decompressions_and_pmap(name):
   for grads, expected in zip(grads_steps, means):
     out, state = update(jax.device_put(grads, sharding), state)
     pout, pstate = pmapped(grads, pstate)
-    for leaf in SHAPES:
+    for leaf in shapes:
       np.testing.assert_allclose(np.asarray(out[leaf]), expected[leaf], rtol=1e-6, atol=1e-7, err_msg=leaf)
       for d in range(NUM_DEVICES):  # pmap: every device holds the same mean
         np.testing.assert_allclose(np.asarray(pout[leaf][d]), np.asarray(out[leaf]), rtol=1e-6, atol=1e-7)
@@ -139,3 +152,34 @@ def test_shard_state_needs_an_axis_named_compressor():
   tx = hggjax.topk(0.1)
   with pytest.raises(ValueError, match="axis_name='data'"):
     hggjax.shard_state(tx.init({"w": jnp.ones(10)}), _mesh(), "data")
+
+
+def test_train_step_as_in_readme_sends_no_dense_gradient():
+  """The README's shard_map step: the only all-reduce left is the scalar loss."""
+  mesh = _mesh()
+  params = {"w": jnp.zeros((256, 10)), "b": jnp.zeros(10)}
+  tx = hggjax.hggtopk(0.01, axis_name="data")
+  state = hggjax.shard_state(tx.init(params), mesh, "data")
+  specs = hggjax.state_specs(state, "data")
+
+  def loss_fn(p, x, y):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), specs, P("data"), P("data")),
+                     out_specs=(P(), specs, P()))
+  def step(params, state, x, y):
+    local = jax.lax.pcast(params, "data", to="varying")
+    loss, grads = jax.value_and_grad(loss_fn)(local, x, y)
+    updates, state = tx.update(grads, state, params)
+    return jax.tree.map(jnp.add, params, updates), state, jax.lax.pmean(loss, "data")
+
+  batch = NamedSharding(mesh, P("data"))
+  x = jax.device_put(jnp.ones((16, 256)), batch)
+  y = jax.device_put(jnp.ones((16, 10)), batch)
+  hlo = step.lower(params, state, x, y).compile().as_text()
+  # XLA may combine all-reduces into one tuple: look at every operand shape.
+  results = re.findall(r"= (.*?) all-reduce(?:-start)?\(", hlo)
+  shapes = [s for r in results for s in re.findall(r"\w+\[[\d,]*\]", r)]
+  assert shapes and all(s.endswith("[]") for s in shapes), shapes  # the loss, nothing else
+  assert "all-gather" in hlo
