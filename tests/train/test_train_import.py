@@ -1,0 +1,21 @@
+"""Import boundaries: `import train` stays light; TF/TFDS load only on the CIFAR path."""
+
+import subprocess
+import sys
+
+
+def _modules_after(code):
+  out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint(' '.join(sys.modules))"],
+                       capture_output=True, text=True, check=True, timeout=120)
+  return set(out.stdout.split())
+
+
+def test_import_train_is_light():
+  mods = _modules_after("import train")
+  assert not {"jax", "flax", "orbax", "tensorflow", "tensorflow_datasets"} & mods
+
+
+def test_fashion_mnist_path_never_imports_tensorflow():
+  mods = _modules_after("import train.loop, train.cli, train.data\n"
+                        "train.data.synthetic_dataset(4)")
+  assert "tensorflow" not in mods and "tensorflow_datasets" not in mods
