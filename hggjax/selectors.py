@@ -17,7 +17,7 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 
-from hggjax import compaction
+from hggjax import compaction, radix
 from hggjax.payload import Selection
 
 Selector = Callable[[jax.Array, int, jax.Array, jax.Array], Selection]
@@ -35,15 +35,20 @@ def _no_history() -> jax.Array:
   return jnp.zeros((), bool)
 
 
-def exact_topk() -> Selector:
-  """The exact k largest |x| (Aji & Heafield 2017)."""
+def exact_topk(min_fast_n: int = radix.MIN_FAST_N) -> Selector:
+  """The exact k largest |x| (Aji & Heafield 2017).
+
+  From `min_fast_n` elements on, `radix.top_k` (sample, packed-mask compaction,
+  radix select; exact, with a ``lax.top_k`` fallback) instead of ``lax.top_k``,
+  which XLA CPU runs as a single-threaded partial sort (measured 10-30x slower
+  at n = 1e7, docs/benchmarks.md).
+  """
 
   def select(x, k, prev_threshold, key):
     del prev_threshold, key
-    top, idx = jax.lax.top_k(jnp.abs(x), k)
-    # min over the k values, not top[-1]: indexing the last element makes XLA
-    # CPU fall back to a full sort (measured, DESIGN.md).
-    return Selection(idx.astype(jnp.int32), jnp.int32(k), jnp.min(top), _no_history())
+    idx = radix.top_k(x, k, min_fast_n)
+    sent = jnp.abs(x.at[idx].get(mode="fill", fill_value=jnp.inf))
+    return Selection(idx, jnp.int32(k), jnp.min(sent), _no_history())
 
   return select
 
