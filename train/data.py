@@ -264,8 +264,13 @@ def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
 
 
 def train_batch(ds: Dataset, step: int, batch_size: int, seed: int,
-                do_augment: bool) -> tuple[np.ndarray, np.ndarray]:
-  """The global batch for `step`, normalised float32 NHWC and int32 labels."""
+                do_augment: bool, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The global batch for `step`, normalised float32 NHWC and int32 labels.
+
+  `rows` keeps only those rows of the global batch (a process's share in a multi-process
+  run); the random draws stay those of the whole batch, so the rows are bit-identical to
+  the same rows of a single-process batch.
+  """
   spe = steps_per_epoch(ds, batch_size)
   epoch, i = divmod(step, spe)
   perm = np.random.default_rng([seed, epoch]).permutation(len(ds.train_labels))
@@ -273,7 +278,10 @@ def train_batch(ds: Dataset, step: int, batch_size: int, seed: int,
   images = ds.train_images[idx]
   if do_augment:
     images = augment(images, np.random.default_rng([seed, epoch, i, 1]))
-  return normalize(images, ds.name), ds.train_labels[idx]
+  labels = ds.train_labels[idx]
+  if rows is not None:
+    images, labels = images[rows], labels[rows]
+  return normalize(images, ds.name), labels
 
 
 def eval_batches(ds: Dataset, batch_size: int):

@@ -183,3 +183,63 @@ def test_train_step_as_in_readme_sends_no_dense_gradient():
   shapes = [s for r in results for s in re.findall(r"\w+\[[\d,]*\]", r)]
   assert shapes and all(s.endswith("[]") for s in shapes), shapes  # the loss, nothing else
   assert "all-gather" in hlo
+
+
+def _payloads(p, m, c, n, seed, dtype=np.float32):
+  """P devices' payloads: unique positions per device and row (overlapping across
+  devices), the last slots unused (index n)."""
+  rng = np.random.default_rng(seed)
+  idx = np.stack([[rng.choice(n, c, replace=False) for _ in range(m)] for _ in range(p)])
+  idx[:, :, -2:] = n
+  vals = rng.standard_normal((p, m, c)).astype(dtype)
+  vals[:, :, -2:] = 0
+  return vals, idx.astype(np.int32)
+
+
+def _numpy_mean(vals, idx, n):
+  """Scatter every device's payload into zeros in device order, then scale by 1/P."""
+  p, m, _ = vals.shape
+  total = np.zeros((m, n + 1), np.float32)
+  for d in range(p):
+    for r in range(m):
+      np.add.at(total[r], idx[d, r], vals[d, r].astype(np.float32))
+  return total[:, :n] * np.float32(1.0 / p)
+
+
+@pytest.mark.parametrize("p,m", [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (4, 3), (3, 2)])
+def test_densify_mean_is_bit_identical_to_scatter_then_scale(p, m):
+  n, c = 5000, 700  # 700 of 5000 per device: many positions hit by several devices
+  vals, idx = _payloads(p, m, c, n, seed=10 * p + m)
+  got = jax.jit(hggjax.exchange.densify_mean, static_argnums=2)(vals, idx, n)
+  assert got.shape == (m, n) and got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), _numpy_mean(vals, idx, n))
+
+
+def test_densify_mean_widens_bfloat16_values_exactly():
+  vals, idx = _payloads(4, 1, 300, 1000, seed=1)
+  vals = np.asarray(jnp.asarray(vals, jnp.bfloat16))
+  got = hggjax.exchange.densify_mean(jnp.asarray(vals), jnp.asarray(idx), 1000)
+  np.testing.assert_array_equal(np.asarray(got), _numpy_mean(vals, idx, 1000))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sparse_mean_under_shard_map_gathers_the_wire_dtype(dtype):
+  mesh = _mesh()
+  n, c = 3000, 200
+  vals, idx = _payloads(NUM_DEVICES, 2, c, n, seed=5)
+  vals = np.asarray(jnp.asarray(vals, dtype))
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
+  def mean(v, i):
+    return hggjax.exchange.sparse_mean(hggjax.payload.Payload(v[0], i[0]), n, "data")
+
+  sharding = NamedSharding(mesh, P("data"))
+  args = jax.device_put((vals, idx), sharding)
+  np.testing.assert_array_equal(np.asarray(mean(*args)), _numpy_mean(vals, idx, n))
+  hlo = mean.lower(*args).compile().as_text()
+  gathers = re.findall(r"= (\w+\[[\d,]*\])\{[^}]*\} all-gather", hlo)
+  # One collective: values (2 bytes each for bfloat16, 4 for float32) and int32 indices
+  # packed into int32 words, so XLA cannot widen bfloat16 before it crosses the wire.
+  words = c * jnp.dtype(dtype).itemsize // 4 + c
+  assert gathers == [f"s32[{NUM_DEVICES},2,{words}]"], gathers

@@ -1,0 +1,177 @@
+"""Multi-process training: 2 processes on 127.0.0.1 (jax.distributed, gloo) vs one process.
+
+The module is also the worker the tests launch (`python -m tests.train.test_distributed
+worker ...`): each process joins through `train.distributed`, builds the harness's state
+on the global mesh, feeds only its own rows of every batch and saves its parameters.
+Every launch runs under a hard time limit; leftovers are killed with SIGKILL by PID.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train import distributed
+from train.config import Config
+from train.errors import UsageError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMPRESSORS = ("none", "hggtopk")
+STEPS = 3
+BATCH = 16
+
+
+def _config(compressor: str) -> Config:
+  # The tiny CNN of tests/train/conftest.py; min_size=5000 compresses only its largest leaf
+  # (16384 weights): one selection to compile per process keeps the test short.
+  return Config(model="cnn", dataset="synthetic", steps=STEPS, batch_size=BATCH,
+                compressor=compressor, density=0.1, min_size=5000, profile=False,
+                checkpoint=False, seed=3)
+
+
+def run_steps(cfg: Config, mesh, steps: int | None = None) -> dict[str, np.ndarray]:
+  """`steps` (default `cfg.steps`) harness steps on `mesh`; this process feeds only its
+  rows of each batch. Returns the parameters on the host, by path."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from train import data
+  from train import train as train_lib
+  ds = data.synthetic_dataset(64, (8, 8, 1))
+  state = train_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, cfg.steps)
+  step_fn = train_lib.make_train_step(state)
+  rows = train_lib.process_rows(mesh, cfg.batch_size)
+  for step in range(cfg.steps if steps is None else steps):
+    images, labels = data.train_batch(ds, step, cfg.batch_size, cfg.seed, False, rows=rows)
+    batch = train_lib.shard_batch(mesh, cfg.batch_size, images, labels)
+    state, _ = train_lib.train_step(state, step_fn, *batch)
+  flat, _ = jax.tree_util.tree_flatten_with_path(state.params)
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def _launch(mode: str, out_dir: str, timeout_s: float = 150.0):
+  return distributed.launch_local(
+      ["-m", "tests.train.test_distributed", "worker", mode, out_dir], 2,
+      timeout_s=timeout_s, cwd=REPO, env={"JAX_PLATFORMS": "cpu"})
+
+
+def _describe(results) -> str:
+  return "\n".join(f"--- process {r.process_id}: rc={r.returncode} after {r.seconds:.0f} s\n"
+                   f"{r.stdout[-1500:]}\n{r.stderr[-3000:]}" for r in results)
+
+
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
+  from train import train as train_lib
+  mesh = train_lib.make_mesh(2)  # one process, 2 of the 8 fake devices
+  # The reference compiles here while the 2 workers start and compile (mostly 1 thread each).
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    launched = pool.submit(_launch, "train", str(tmp_path))
+    reference = {name: run_steps(_config(name), mesh) for name in COMPRESSORS}
+    results = launched.result()
+  assert [r.returncode for r in results] == [0, 0], _describe(results)
+
+  for name in COMPRESSORS:
+    expected = reference[name]
+    for pid in range(2):
+      with np.load(tmp_path / f"{name}-{pid}.npz") as got:
+        assert sorted(got.files) == sorted(expected), name
+        for leaf, value in expected.items():
+          np.testing.assert_array_equal(got[leaf], value, err_msg=f"{name} process {pid} {leaf}")
+    initial = run_steps(_config(name), mesh, steps=0)
+    assert all(not np.array_equal(initial[leaf], expected[leaf]) for leaf in expected), name
+
+
+def test_a_dead_peer_is_a_clear_error_not_a_hang(tmp_path):
+  results = _launch("die", str(tmp_path), timeout_s=90.0)
+  survivor, dead = results
+  assert dead.returncode == 3, _describe(results)
+  assert survivor.returncode == 1, _describe(results)  # not None: it was not killed
+  assert "error: process 0 of 2 failed (a peer process died" in survivor.stderr, _describe(results)
+  assert survivor.seconds < 60, _describe(results)
+
+
+def test_launcher_kills_a_stuck_process_by_pid():
+  results = distributed.launch_local(["-c", "import time; time.sleep(120)"], 2, timeout_s=1.0)
+  assert [r.returncode for r in results] == [None, None]
+  assert all(r.seconds < 30 for r in results)
+
+
+def test_spec_from_flags_and_environment():
+  env = {distributed.ENV_COORDINATOR: "10.0.0.1:1234", distributed.ENV_NUM_PROCESSES: "4",
+         distributed.ENV_PROCESS_ID: "2"}
+  assert distributed.spec_from(environ=env) == distributed.ProcessSpec("10.0.0.1:1234", 4, 2)
+  assert distributed.spec_from(process_id=3, environ=env).process_id == 3  # flags win
+  assert distributed.spec_from(environ={}) is None
+  assert distributed.spec_from(num_processes=1, environ={}) is None
+  for bad, match in [(dict(num_processes=2), "--coordinator HOST:PORT"),
+                     (dict(num_processes=2, coordinator="h", process_id=0), "HOST:PORT"),
+                     (dict(num_processes=2, coordinator="h:1", process_id=2), "0..1"),
+                     (dict(process_id=1), "--num-processes")]:
+    with pytest.raises(UsageError, match=match):
+      distributed.spec_from(environ={}, **bad)
+  with pytest.raises(UsageError, match="JAX_NUM_PROCESSES"):
+    distributed.spec_from(environ={distributed.ENV_NUM_PROCESSES: "two"})
+
+
+def test_cli_rejects_checkpoints_in_a_multi_process_run(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "train.cifar", "--dataset", "synthetic", "--num-processes", "2",
+       "--process-id", "0", "--coordinator", "127.0.0.1:1", "--log-dir", str(tmp_path)],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: multi-process runs do not "
+                                                         "checkpoint yet: pass --no-checkpoint")
+
+
+@pytest.mark.slow
+def test_cli_two_processes_end_to_end(tmp_path):
+  """`python -m train.distributed -n 2 -- -m train.cifar ...`: both processes agree."""
+  log_dir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "train.distributed", "-n", "2", "--timeout", "600", "--", "-m",
+       "train.cifar", "--dataset", "synthetic", "--steps", "3", "--batch-size", "16",
+       "--min-size", "1000", "--density", "0.1", "--log-every", "1", "--no-checkpoint",
+       "--log-dir", str(log_dir)],
+      cwd=REPO, capture_output=True, text=True, timeout=660, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summaries = [json.loads((d / "summary.json").read_text())
+               for d in (log_dir, log_dir / "process-1")]
+  assert summaries[0]["devices"] == 2 and summaries[0]["step"] == 3
+  for key in ("test_loss", "test_accuracy", "sent_bytes", "dense_bytes", "selected"):
+    assert summaries[0][key] == summaries[1][key], key
+
+
+def _worker(mode: str, out_dir: str) -> None:
+  spec = distributed.spec_from()
+  distributed.initialize(spec, cpu_devices=1, timeout_s=60, heartbeat_s=10)
+  import jax  # pylint: disable=import-outside-toplevel
+  from train import train as train_lib
+  mesh = train_lib.make_mesh(jax.device_count())
+  try:
+    if mode == "train":
+      for name in COMPRESSORS:
+        params = run_steps(_config(name), mesh)
+        np.savez(os.path.join(out_dir, f"{name}-{spec.process_id}.npz"), **params)
+    elif mode == "die":
+      from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+      total = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, "data"), mesh=mesh,
+                                    in_specs=P("data"), out_specs=P()))
+      x = train_lib.shard_batch(mesh, 2, np.ones((1, 4), np.float32))[0]
+      jax.block_until_ready(total(x))
+      if spec.process_id == 1:
+        os._exit(3)  # pylint: disable=protected-access
+      for _ in range(600):  # ~60 s: the test wants an error well before that
+        jax.block_until_ready(total(x))
+        time.sleep(0.1)
+  except Exception as err:  # noqa: BLE001 - what the harness's CLI does, too
+    distributed.exit_on_failure(spec, err)
+
+
+if __name__ == "__main__":
+  assert sys.argv[1] == "worker", sys.argv
+  _worker(sys.argv[2], sys.argv[3])
