@@ -36,6 +36,8 @@ log1p is evaluated on K ~ 1.4k candidates only, never per element of a.
 """
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,236 @@ def hgg_topk(
     return fast(x, k, prev_threshold)
 
   return select
+
+
+# --- Pipelined HGG-TopK: hggtopk(pipeline=True) -----------------------------------
+#
+# Steps per group, one jitted function, no host sync, no data-dependent loop:
+#   1. The carried threshold t (last step's k-th largest |acc|, exact or
+#      interpolated) and slope s = -d ln(count) / d ln(threshold) around it
+#      (measured by last step's pass) are corrected for the new scale on a
+#      1/r sample of cache-line blocks: counts at 8 probe thresholds
+#      t * exp(-o / s), o in ln(count) units, two rounds (coarse, then fine),
+#      interpolated in log-log to where the sample count is k * m / n.
+#   2. One pass over |acc| counts the elements above EDGES = 8 thresholds
+#      around that estimate at once (`radix.pack_many`): six inner edges one
+#      tolerance apart in count, two outer edges at about 3 sigma of the sample's
+#      error. These counts are this step's histogram and the next step's slope.
+#   3. Path 0 (one pass): an edge passes between k - tol and k elements: its
+#      packed mask is compacted into the k slots as it is (no trim).
+#      Path 1 (one pass + trim): k lies between two edges and the lower one
+#      passes at most `cap` elements: those are compacted and the k largest kept
+#      (`radix.take_largest`), exactly k.
+#      Path 2 (bounded second pass): k is outside the edges (or a cold start):
+#      a second pass packs |acc| >= a low cut from a larger sample (`radix.
+#      low_cut`: between k and K pass, 5 sigma), and the k largest of those are
+#      kept, exactly the top k. Path 3 flags the rare step where that sample
+#      missed: the k largest of the first K candidates (index order), or all of
+#      them when fewer than k passed.
+#      One ``lax.switch`` picks the path; only the taken branch runs under jit.
+#   4. The next carry: the k-th largest estimate (the cut sent on paths 1-2,
+#      the log-log crossing of k between the edges on path 0) and the slope from
+#      the outer edges' counts (geometric mean with the old one).
+
+EDGES = 8   # thresholds per pass: 8 uint32 lanes = one AVX2 vector (measured, docs/pipeline.md)
+# Probe offsets in ln(count) for the sample rounds, ascending threshold. The coarse
+# round covers a count off by up to e^2 = 7.4x (the default training run's fc1 missed
+# last step's threshold by 33% in count at the median, ~3x at the 99th percentile);
+# the fine round brackets the sample's own noise around the coarse answer.
+COARSE = (2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, -3.0)  # 0.0: the carried threshold itself
+FINE = (0.24, 0.12, 0.06, 0.02, -0.02, -0.06, -0.12, -0.24)
+DEFAULT_SLOPE = 4.0  # before any measurement (the default run's median was 3.6-8)
+SLOPE_RANGE = (0.25, 64.0)
+SAMPLE_HITS = 2048   # the sample holds ~this many of the k largest: rate r = k / 2048 ...
+MAX_RATE = 64        # ... at most 1/64 of the blocks
+SIGMA_FLOOR = 0.01   # ln(count) error of the estimate besides the sample's binomial noise
+
+
+class PipelineCarry(NamedTuple):
+  """What a pipelined step leaves for the next, per selection group.
+
+  In `hggjax.CompressionState.pipeline` every field is an array over the G
+  groups (float32[G] / int32[G], plus the leading device axis with an axis).
+  """
+  center: jax.Array  # float32[]: last step's k-th largest |acc| (exact or interpolated); 0 = none yet
+  slope: jax.Array   # float32[]: -d ln(count)/d ln(threshold) near it, from the last pass; 0 = unknown
+  path: jax.Array    # int32[]: how the last step selected: 0 one pass, 1 one pass + trim,
+                     # 2 second pass (fallback, or cold start), 3 second pass whose
+                     # sample missed (best effort); -1 = no step yet
+
+
+class PipelinedSelector(NamedTuple):
+  """`init(G)` -> a PipelineCarry of [G] arrays; `select(x, k, carry) -> (Selection, carry)`."""
+  init: Callable[[int], PipelineCarry]
+  select: Callable[[jax.Array, int, PipelineCarry], tuple[Selection, PipelineCarry]]
+
+
+def sample_rate(k: int) -> int:
+  """r: the pipelined sample reads one 64-byte block in r, r = 2^floor(log2(k / 2048)) in [1, 64]."""
+  return int(min(MAX_RATE, max(1, 2 ** math.floor(math.log2(max(k / SAMPLE_HITS, 1))))))
+
+
+def plan(n: int, k: int, tolerance: float) -> dict:
+  """Static layout of one pipelined selection (Python numbers, fixed at trace time).
+
+  tol: accepted shortfall (path 0 sends k - tol to k elements); f: inner edge
+  spacing in ln(count) (one tolerance, at least one element); sigma: expected
+  ln(count) error of the sample estimate; outer: ln(count) offset of the outer
+  edges; cap: most candidates path 1 compacts and trims.
+  """
+  tol = math.floor(tolerance * k)
+  f = max(tol, 1) / k
+  rate = sample_rate(k)
+  m = radix.sample_size(n, rate)
+  sigma = math.sqrt(1.0 / max(k * m / n, 1.0) + SIGMA_FLOOR**2)
+  outer = 3.0 * sigma + 3.0 * f
+  cap = min(n, -(-(math.ceil(k * math.exp(outer) * 1.02) + 32) // 32) * 32)
+  offsets = (outer, 2 * f, f, 0.0, -f, -2 * f, -3 * f, -outer)  # ascending thresholds
+  return dict(tol=tol, f=f, rate=rate, m=m, sigma=sigma, outer=outer, cap=cap, offsets=offsets)
+
+
+def _count_many(a: jax.Array, edges: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(words uint32[W, J], counts int32[J]): packed masks a >= edges[j] and their sizes."""
+  words = radix.pack_many(a, edges)
+  return words, radix.column_counts(words)
+
+
+def crossing(edges: jax.Array, counts: jax.Array, target, slope: jax.Array) -> jax.Array:
+  """float32[]: where count(threshold) crosses `target`, interpolated in log-log.
+
+  `edges` ascending (> 0) with non-increasing `counts`; between the two edges
+  that bracket `target` the interpolation is linear in (ln edge, ln count);
+  outside them it extrapolates with `slope`.
+  """
+  lc = jnp.log(counts.astype(jnp.float32) + 0.5)
+  le = jnp.log(edges)
+  lt = jnp.log(jnp.float32(target))
+  last = edges.shape[0] - 1
+  i = jnp.sum(lc >= lt, dtype=jnp.int32) - 1  # last edge passing at least target
+  j = jnp.clip(i, 0, last - 1)
+  w = (lc[j] - lt) / jnp.maximum(lc[j] - lc[j + 1], 1e-6)
+  inside = le[j] + jnp.clip(w, 0.0, 1.0) * (le[j + 1] - le[j])
+  lower = le[0] + (lc[0] - lt) / slope        # every edge passes fewer: go lower
+  higher = le[last] + (lc[last] - lt) / slope  # every edge passes more: go higher
+  return jnp.exp(jnp.where(i < 0, lower, jnp.where(i >= last, higher, inside)))
+
+
+def _measured_slope(edges: jax.Array, counts: jax.Array, old: jax.Array) -> jax.Array:
+  """The outer edges' log-log slope, averaged (geometrically) with `old`; `old` if uninformative."""
+  lo, hi = counts[0], counts[-1]
+  span = jnp.log(edges[-1]) - jnp.log(edges[0])
+  meas = (jnp.log(lo + 0.5) - jnp.log(hi + 0.5)) / jnp.maximum(span, 1e-12)
+  valid = (hi >= 1) & (lo > hi) & (span > 0)
+  new = jnp.where(valid, jnp.sqrt(old * jnp.maximum(meas, 1e-6)), old)
+  return jnp.clip(new, *SLOPE_RANGE).astype(jnp.float32)
+
+
+def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = radix.MIN_FAST_N) -> PipelinedSelector:
+  """The pipelined HGG-TopK selector (steps above); `tolerance` as in `hggjax.hggtopk`.
+
+  `tolerance` sets the inner edge spacing and the accepted shortfall.
+  """
+
+  def init(num_groups: int) -> PipelineCarry:
+    return PipelineCarry(center=jnp.zeros((num_groups,), jnp.float32),
+                         slope=jnp.zeros((num_groups,), jnp.float32),
+                         path=jnp.full((num_groups,), -1, jnp.int32))
+
+  def select(x: jax.Array, k: int, carry: PipelineCarry) -> tuple[Selection, PipelineCarry]:
+    n = x.shape[0]
+    p = plan(n, k, tolerance)
+    fast = n >= min_fast_n and k <= n // 4 and p["cap"] < n // 2
+    x = x.astype(jnp.float32)
+    # |x| is formed inside each consumer: one shared jnp.abs(x) made XLA write it
+    # out in full before the cond (an extra pass over n, measured).
+    slope = jnp.where(carry.slope > 0, carry.slope, DEFAULT_SLOPE).astype(jnp.float32)
+
+    def with_cut(idx):
+      """(idx, the smallest |x| sent): zeros carry nothing and are never sent."""
+      sent = jnp.abs(x.at[idx].get(mode="fill", fill_value=0.0))
+      low = jnp.min(jnp.where(sent > 0, sent, jnp.inf))
+      cut = jnp.where(jnp.isfinite(low), low, 0.0).astype(jnp.float32)
+      return jnp.where(sent > 0, idx, n).astype(jnp.int32), cut
+
+    def second_pass():
+      """Paths 2-3: (idx, cut, passed, missed) of a sampled top-k over the whole vector.
+
+      No full-length fallback: a ``lax.top_k`` over all n elements (radix.top_k's)
+      or the whole-vector histogram (hgg_topk's), present in a branch that never
+      ran, made every call 5-9 ms slower at n = 1e7 (measured, docs/pipeline.md).
+      """
+      if not fast:
+        exact = with_cut(jax.lax.top_k(jnp.abs(x), k)[1].astype(jnp.int32))
+        return (*exact, *_varying_like((jnp.int32(k), jnp.bool_(False)), x))
+      low, cap = radix.low_cut(x, k)
+      pos, keys, count = radix.candidates(x, low, cap)
+      idx, cut = with_cut(radix.take_largest(keys, pos, k, jnp.int32(0), n))
+      return idx, cut, count, (count < k) | (count > cap)
+
+    def warm():
+      # Step 1: correct the carried threshold on the sample (two probe rounds).
+      s = jnp.abs(radix.sample(x, p["rate"]) if fast else x)
+      m = s.shape[0]
+      target = k * m / n
+      probes = carry.center * jnp.exp(-jnp.asarray(COARSE, jnp.float32) / slope)
+      counts = _count_many(s, probes)[1]
+      est = crossing(probes, counts, target, slope)
+      probes = est * jnp.exp(-jnp.asarray(FINE, jnp.float32) / slope)
+      est = crossing(probes, _count_many(s, probes)[1], target, slope)
+      # The carried threshold stays when the sample cannot tell it from the truth
+      # (its count within 2 binomial sd of target): on a slowly changing gradient
+      # it is far more precise than the sample.
+      noise = math.sqrt(target * (1.0 - m / n))
+      at_center = counts[COARSE.index(0.0)].astype(jnp.float32)
+      est = jnp.where(jnp.abs(at_center - target) <= 2.0 * noise + 0.5, carry.center, est)
+      # Step 2: one pass, EDGES counts around the estimate.
+      edges = est * jnp.exp(-jnp.asarray(p["offsets"], jnp.float32) / slope)
+      words, counts = _count_many(jnp.abs(x), edges)
+      # Step 3: the path.
+      within = (counts >= k - p["tol"]) & (counts <= k)
+      j0 = jnp.argmax(jnp.where(within, counts, -1)).astype(jnp.int32)
+      j1 = jnp.sum(counts >= k, dtype=jnp.int32) - 1  # highest edge passing >= k
+      trim_ok = (j1 >= 0) & (counts[jnp.maximum(j1, 0)] <= p["cap"])
+      path = jnp.where(jnp.any(within), 0, jnp.where(trim_ok, 1, 2)).astype(jnp.int32)
+      j = jnp.where(path == 0, j0, jnp.maximum(j1, 0))
+
+      def one_pass():
+        # Everything >= edges[j] (k - tol to k elements, none of them 0) is sent:
+        # edges[j] is the cut, and no value needs to be read back.
+        if fast:
+          idx = radix.compact(jnp.take(words, j, axis=1), n, k)[0]
+        else:
+          idx = compaction.first_true(jnp.abs(x) >= edges[j], k)
+        return idx, edges[j]
+
+      def trim():
+        if not fast:
+          return with_cut(jax.lax.top_k(jnp.abs(x), k)[1].astype(jnp.int32))
+        pos, _ = radix.compact(jnp.take(words, j, axis=1), n, p["cap"])
+        keys = jnp.where(pos < n, radix.magnitude_keys(x.at[pos].get(mode="fill", fill_value=0)), -1)
+        return with_cut(radix.take_largest(keys, pos, k, jnp.int32(0), n))
+
+      def one_pass_counted():
+        return (*one_pass(), counts[j], _varying_like(jnp.bool_(False), x))
+
+      def trim_counted():
+        return (*trim(), counts[j], _varying_like(jnp.bool_(False), x))
+
+      idx, cut, passed, missed = jax.lax.switch(path, (one_pass_counted, trim_counted, second_pass))
+      path = jnp.where(missed, 3, path).astype(jnp.int32)
+      # Step 4: the next carry. Paths 1-2 sent the largest (k of them on path 1),
+      # so their cut is the k-th largest or next to it; path 0 interpolates it
+      # between the edges.
+      center = jnp.where(path == 0, crossing(edges, counts, k, slope), cut)
+      return idx, cut, passed, path, center, _measured_slope(edges, counts, slope)
+
+    def cold():
+      idx, cut, passed, missed = second_pass()
+      path = jnp.where(missed, 3, 2).astype(jnp.int32)
+      return idx, cut, passed, path, cut, slope
+
+    idx, cut, passed, path, center, new_slope = jax.lax.cond(carry.center > 0, warm, cold)
+    selection = Selection(idx, passed.astype(jnp.int32), cut, path <= 1)
+    return selection, PipelineCarry(center.astype(jnp.float32), new_slope, path)
+
+  return PipelinedSelector(init, select)

@@ -85,7 +85,8 @@ def _materialize(x):
   the compiler here.
   """
   def one(v):
-    floor = jnp.full_like(v, jnp.iinfo(v.dtype).min)
+    low = jnp.finfo(v.dtype).min if jnp.issubdtype(v.dtype, jnp.floating) else jnp.iinfo(v.dtype).min
+    floor = jnp.full_like(v, low)
     return jnp.max(jnp.stack([v, floor], axis=1), axis=1)
 
   return jax.tree.map(one, x)
@@ -110,6 +111,44 @@ def pack(mask: jax.Array) -> jax.Array:
   mask = jnp.pad(mask, (0, 32 * width - length))
   shifts = jnp.arange(32, dtype=jnp.uint32)[None, :]
   return jnp.sum(mask.reshape(width, 32).astype(jnp.uint32) << shifts, axis=1, dtype=jnp.uint32)
+
+
+def pack_many(a: jax.Array, edges: jax.Array) -> jax.Array:
+  """uint32[W, J]: column j is `pack(a >= edges[j])`; one pass over `a` (float32[L]).
+
+  The J masks are packed in one reduction over the same 32 elements, so `a` is
+  read once: with J = 8 (8 uint32 lanes, one AVX2 vector) this measured 1.2x the
+  time of a single `pack` on this CPU (5.7 vs 4.7 ms at n = 1e7), J = 16 2-3x J = 8.
+  Padding is -1, below every edge >= 0. `edges` is materialised first: left to
+  fusion, XLA recomputed their arithmetic for every element (4x slower, measured).
+  """
+  edges = _materialize(edges.astype(a.dtype))
+  length = a.shape[0]
+  width = -(-length // 32)
+  a = jnp.pad(a, (0, 32 * width - length), constant_values=-1.0).reshape(width, 32)
+  shifts = jnp.arange(32, dtype=jnp.uint32)
+  mask = a[:, None, :] >= edges[None, :, None]
+  return jnp.sum(mask.astype(jnp.uint32) << shifts, axis=-1, dtype=jnp.uint32)
+
+
+def column_counts(words: jax.Array) -> jax.Array:
+  """int32[J]: set bits per column of `words` (uint32[W, J]); total per column < 2**31.
+
+  SWAR: per-byte bit counts (<= 8) are summed over groups of 16 rows in uint32
+  (each byte stays <= 128), folded to one count per word, then summed. On XLA
+  CPU this ran 2x faster than ``population_count`` + sum (1.6 vs 3.2 ms for
+  [312500, 8] words); converting to int32 before the sum cost another 2 ms.
+  """
+  rows = words.shape[0]
+  group = 16
+  v = words - ((words >> 1) & jnp.uint32(0x55555555))
+  v = (v & jnp.uint32(0x33333333)) + ((v >> 2) & jnp.uint32(0x33333333))
+  v = (v + (v >> 4)) & jnp.uint32(0x0F0F0F0F)  # four byte counts <= 8
+  v = jnp.pad(v, ((0, -rows % group), (0, 0))).reshape(-1, group, words.shape[1])
+  t = jnp.sum(v, axis=1, dtype=jnp.uint32)  # bytes <= 128
+  t = (t & jnp.uint32(0x00FF00FF)) + ((t >> 8) & jnp.uint32(0x00FF00FF))
+  t = (t & jnp.uint32(0xFFFF)) + (t >> 16)
+  return jnp.sum(t, axis=0, dtype=jnp.uint32).astype(jnp.int32)
 
 
 def popcounts(words: jax.Array) -> jax.Array:
@@ -257,13 +296,14 @@ def sample_bounds(n: int, m: int, k: int, z: float = Z) -> tuple[int, int]:
   return j, min(n, -(-cap // 32) * 32)
 
 
-def _sample_size(n: int, rate: int) -> int:
+def sample_size(n: int, rate: int) -> int:
+  """Elements `sample(a, rate)` returns for a of n elements (a Python int)."""
   return n if rate == 1 else (n // (16 * rate)) * 16
 
 
 def low_cut_capacity(n: int, k: int) -> int:
   """K of `low_cut(x, k)` for x of n elements (a Python int, known at trace time)."""
-  return sample_bounds(n, _sample_size(n, sample_rate(k)), k)[1]
+  return sample_bounds(n, sample_size(n, sample_rate(k)), k)[1]
 
 
 def low_cut(x: jax.Array, k: int) -> tuple[jax.Array, int]:
