@@ -19,6 +19,14 @@ Options shared by every constructor (`Options`):
   key: PRNG key or integer seed (randomised selectors: randomk, randomkec,
     dgcsampling). Each device folds in its index, so selections differ per device
     and per step.
+  momentum: momentum correction (DGC, Lin et al. 2018). Default 0: the compressor
+    sends (a share of) the gradient, and momentum belongs to the optimizer after
+    it. With momentum=m in [0, 1), each device keeps a velocity u = m * u + g and
+    compresses u plus its residual; chain a momentum-free optimizer after it,
+    e.g. ``optax.chain(hggjax.hggtopk(0.01, momentum=0.9), optax.sgd(lr))``.
+    Momentum then acts before sparsification, as dense momentum SGD would, instead
+    of on the sparse mean (where coordinates sent rarely get little of it). With
+    density 1 it is exactly ``optax.sgd(lr, momentum=m)``.
 
 Integer and boolean leaves pass through untouched (their gradients carry no
 information: JAX gives them float0 or zeros). Floating leaves of any width work:
@@ -40,9 +48,14 @@ class Options(TypedDict, total=False):
   scope: str
   min_size: int
   key: jax.Array | int
+  momentum: float
 
 
-def _build(selector, density, error_feedback, options: Options):
+def _build(selector, density, error_feedback, options: Options, pipeline=None):
+  if "pipeline" in options:
+    raise TypeError(
+        "pipeline= is offered by hggtopk only (its selection reuses the previous "
+        "step's threshold); use hggjax.hggtopk(..., pipeline=True).")
   unknown = set(options) - set(Options.__annotations__)
   if unknown:
     raise TypeError(
@@ -56,6 +69,8 @@ def _build(selector, density, error_feedback, options: Options):
       scope=validate.scope(options.get("scope", "leaf")),
       min_size=validate.int_at_least("min_size", options.get("min_size", 0), 0),
       key=options.get("key", 0),
+      momentum=validate.momentum(options.get("momentum", 0.0)),
+      pipeline=pipeline,
   )
 
 
@@ -173,6 +188,7 @@ def hggtopk(
     gamma: float = 1000.0,
     tolerance: float = 0.01,
     beta: float = 0.98,
+    pipeline: bool = False,
     **options: Unpack[Options],
 ) -> optax.GradientTransformationExtraArgs:
   """HGG-TopK: history-guided log-histogram threshold, with error feedback.
@@ -190,6 +206,13 @@ def hggtopk(
     beta: interpolation coefficient inside the chosen bin (BETA, in (0, 1]);
       below 1 it lowers the threshold so that a few more pass and the trim keeps
       the exact k largest.
+    pipeline: select in one pass from state carried over from the previous step
+      (`hgg.hgg_topk_pipelined`, docs/pipeline.md): the previous cut, corrected
+      on a sample, and eight thresholds counted in the same pass; k - tol to k
+      elements are sent, or exactly k after a trim; when no threshold comes near
+      k, a bounded second pass (a sampled exact top-k) runs, and the state
+      records which (``CompressionState.pipeline.path``). Every leaf gets its own
+      selection and all_gather. `num_bins`, `gamma` and `beta` do not apply to it.
     **options: see `Options`.
 
   Example:
@@ -201,7 +224,10 @@ def hggtopk(
       gamma=validate.positive("gamma", gamma),
       tolerance=validate.in_unit_interval("tolerance", tolerance),
       beta=validate.in_unit_interval("beta", beta))
-  return _build(selector, density, True, options)
+  pipelined = None
+  if validate.boolean("pipeline", pipeline):
+    pipelined = hgg.hgg_topk_pipelined(tolerance=tolerance)
+  return _build(selector, density, True, options, pipelined)
 
 
 compressors = {

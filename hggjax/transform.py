@@ -42,6 +42,14 @@ class CompressionState(NamedTuple):
   sent_bytes: jax.Array   # float32[]: bytes this device put on the wire last step
                           # (values + int32 indices of every slot, plus dense leaves)
   dense_bytes: jax.Array  # float32[]: bytes of a dense exchange of the same gradients
+  pipeline: Any = None    # None, except for hggtopk(pipeline=True): its carried
+                          # histogram, an `hgg.PipelineCarry` of float32[G] center
+                          # (last k-th largest |acc|), float32[G] slope (d ln count /
+                          # d ln threshold there) and int32[G] path (0 one pass, 1 one
+                          # pass + trim, 2 second pass, -1 no step yet)
+  velocity: Any = None    # momentum correction (``momentum > 0``): a tuple over the
+                          # flattened gradient leaves, float32 like the leaf for
+                          # floating leaves, None for the rest; None without momentum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +68,8 @@ class _Plan:
     return len(self.groups)
 
 
-def _plan(leaves: Sequence[Any], density: float, scope: Scope, min_size: int) -> _Plan:
+def _plan(leaves: Sequence[Any], density: float, scope: Scope, min_size: int,
+          per_group: bool = False) -> _Plan:
   floating = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating)]
   sparse = tuple(i for i in floating if leaves[i].size >= max(min_size, 1))
   dense = tuple(i for i in floating if i not in sparse)
@@ -73,9 +82,12 @@ def _plan(leaves: Sequence[Any], density: float, scope: Scope, min_size: int) ->
   wires = tuple(jnp.result_type(*[leaves[i].dtype for i in g]) for g in groups)
   # Groups of one size are selected by one loop body (lax.map): a model with
   # many same-shaped layers compiles the selector once per size, not per leaf.
+  # `per_group` (the pipeline) gives every group its own selection and its own
+  # all_gather instead, so that XLA may start a leaf's exchange as soon as its
+  # gradient exists, while the rest of the backward pass still runs.
   buckets: dict[tuple[int, str], list[int]] = {}
   for g, (n, wire) in enumerate(zip(sizes, wires)):
-    buckets.setdefault((n, str(wire)), []).append(g)
+    buckets.setdefault((g,) if per_group else (n, str(wire)), []).append(g)
   return _Plan(sparse, dense, groups, sizes, ks, wires,
                tuple(tuple(b) for b in buckets.values()))
 
@@ -97,6 +109,8 @@ def sparsify(
     scope: Scope = "leaf",
     min_size: int = 0,
     key: jax.Array | int = 0,
+    pipeline: Any = None,
+    momentum: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Compress gradients with `selector`, exchange them, and keep the residual.
 
@@ -113,6 +127,12 @@ def sparsify(
       concatenated.
     min_size: leaves with fewer elements are sent dense (averaged, no residual).
     key: PRNG key or integer seed for randomised selectors.
+    momentum: momentum correction (Lin et al. 2018, DGC): each device keeps its
+      own velocity u = momentum * u + g and compresses u (plus the residual)
+      instead of g; chain a plain ``optax.sgd(lr)`` after it. 0 disables it.
+    pipeline: an `hgg.PipelinedSelector` (replaces `selector`): selection from
+      state carried between steps (``CompressionState.pipeline``), and one
+      selection and one all_gather per group.
 
   The update takes one optional keyword, ``device_index``: with ``axis_name=None``
   it makes the update behave as device i of a data-parallel group would (the
@@ -134,7 +154,7 @@ def sparsify(
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
-    plan = _plan(leaves, density, scope, min_size)
+    plan = _plan(leaves, density, scope, min_size, pipeline is not None)
     residual = None
     if error_feedback:
       residual = tuple(
@@ -152,6 +172,10 @@ def sparsify(
         k=jnp.asarray(sum(plan.ks), jnp.int32),
         sent_bytes=jnp.zeros((), jnp.float32),
         dense_bytes=jnp.zeros((), jnp.float32),
+        pipeline=None if pipeline is None else pipeline.init(g),
+        velocity=tuple(
+            jnp.zeros(x.shape, jnp.float32) if i in plan.sparse + plan.dense else None
+            for i, x in enumerate(leaves)) if momentum else None,
     ))
 
   def update_fn(updates, state, params=None, *, device_index=None, **extra_args):
@@ -159,7 +183,7 @@ def sparsify(
     del params, extra_args
     state = local(state)
     leaves, treedef = jax.tree.flatten(updates)
-    plan = _plan(leaves, density, scope, min_size)
+    plan = _plan(leaves, density, scope, min_size, pipeline is not None)
     key, next_key = jax.random.split(state.rng_key)
     if axis_name is not None:
       if device_index is not None:
@@ -173,22 +197,29 @@ def sparsify(
 
     out = list(leaves)  # non-floating leaves pass through untouched
     residual = list(state.residual) if error_feedback else None
+    # Momentum correction: what is compressed is each device's own velocity.
+    grads, velocity = list(leaves), None
+    if momentum:
+      velocity = list(state.velocity)
+      for i in plan.sparse + plan.dense:
+        velocity[i] = momentum * velocity[i] + leaves[i].astype(jnp.float32)
+        grads[i] = velocity[i]
     sent_bytes, dense_bytes = 0, 0
     for i in plan.dense:
-      out[i] = exchange.dense_mean(leaves[i], axis_name)
+      out[i] = exchange.dense_mean(grads[i].astype(leaves[i].dtype), axis_name)
       sent_bytes += leaves[i].size * leaves[i].dtype.itemsize
     for i in plan.sparse:
       dense_bytes += leaves[i].size * leaves[i].dtype.itemsize
     dense_bytes += sent_bytes
 
-    threshold, history_hit = state.threshold, state.history_hit
+    threshold, history_hit, carry = state.threshold, state.history_hit, state.pipeline
     selected = passed = jnp.zeros((), jnp.int32)
     for bucket in plan.buckets:
       n, k, wire = plan.sizes[bucket[0]], plan.ks[bucket[0]], plan.wires[bucket[0]]
       # Step 1: error feedback, acc = g + residual: one flat float32 row per group.
       rows = []
       for g in bucket:
-        acc = [leaves[i].astype(jnp.float32).ravel() for i in plan.groups[g]]
+        acc = [grads[i].astype(jnp.float32).ravel() for i in plan.groups[g]]
         if error_feedback:
           acc = [a + state.residual[i].ravel() for a, i in zip(acc, plan.groups[g])]
         rows.append(acc[0] if len(acc) == 1 else jnp.concatenate(acc))
@@ -196,7 +227,12 @@ def sparsify(
       # Step 2: select k positions per row; read their values in the wire dtype.
       ids = jnp.asarray(bucket)
       keys = jnp.stack([jax.random.fold_in(key, g) for g in bucket])
-      sel = _select_rows(selector, x, k, threshold[ids], keys)
+      if pipeline is None:
+        sel = _select_rows(selector, x, k, threshold[ids], keys)
+      else:  # one group per bucket
+        sel, carry_g = pipeline.select(x[0], k, jax.tree.map(lambda v: v[bucket[0]], carry))
+        sel = jax.tree.map(lambda v: v[None], sel)
+        carry = jax.tree.map(lambda v, u: v.at[bucket[0]].set(u), carry, carry_g)
       values = jnp.take_along_axis(x, sel.indices, axis=1, mode="fill", fill_value=0)
       values = values.astype(wire)
       sent_bytes += len(bucket) * k * (wire.itemsize + 4)
@@ -230,6 +266,8 @@ def sparsify(
         k=state.k,
         sent_bytes=jnp.asarray(sent_bytes, jnp.float32),
         dense_bytes=jnp.asarray(dense_bytes, jnp.float32),
+        pipeline=carry,
+        velocity=tuple(velocity) if momentum else None,
     )
     return jax.tree.unflatten(treedef, out), per_device(new_state)
 

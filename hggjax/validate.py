@@ -35,6 +35,12 @@ def int_at_least(name: str, value, low: int) -> int:
   return int(value)
 
 
+def boolean(name: str, value) -> bool:
+  if not isinstance(value, bool):
+    raise ValueError(f"{name} must be True or False, got {value!r}.")
+  return value
+
+
 def scope(value) -> str:
   if value not in _SCOPES:
     raise ValueError(
@@ -49,3 +55,11 @@ def axis_name(value):
         f"axis_name must be None (no exchange) or the name of the mapped axis "
         f"as a string, e.g. 'data', got {value!r}.")
   return value
+
+
+def momentum(value) -> float:
+  if not _is_real(value) or not 0.0 <= value < 1.0:
+    raise ValueError(
+        f"momentum must be a number in [0, 1), got {value!r}; 0 turns momentum "
+        "correction off (then put momentum in the optimizer).")
+  return float(value)

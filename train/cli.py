@@ -12,6 +12,7 @@ import sys
 
 import inspect
 
+from train import distributed
 from train.config import MODEL_NAMES, Config, load_config_file, override, validate
 from train.errors import UsageError
 
@@ -54,9 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                  f"(0, 1] (default: {d.density})")
   p.add_argument("--min-size", type=int, dest="min_size", help="parameter leaves with fewer "
                  "elements are exchanged dense (hggjax's min_size option; default: "
-                 f"{d.min_size}, every leaf compressed)")
+                 f"{d.min_size}; 0 compresses every leaf)")
+  p.add_argument("--momentum-correction", action=argparse.BooleanOptionalAction,
+                 dest="momentum_correction", help="keep each device's momentum inside the "
+                 "compressor and compress it (DGC's momentum correction, hggjax's momentum "
+                 "option) instead of applying momentum to the exchanged mean (default: "
+                 f"{'on' if d.momentum_correction else 'off'})")
   p.add_argument("--use-pipeline", action="store_true", dest="use_pipeline",
-                 help="pipelined hggtopk; exits with an error while hggjax does not offer it")
+                 help="hggtopk only: select each leaf in one pass from the previous step's "
+                 "threshold, with one exchange per leaf (docs/pipeline.md); other compressors "
+                 "exit with an error")
   p.add_argument("--data-dir", dest="data_dir", help="fashion_mnist: directory with the four "
                  "IDX files (default /usr/share/datasets/fashion-mnist); cifar: a directory "
                  "holding the standard archive (cifar-10-binary.tar.gz or -python.tar.gz) or a "
@@ -81,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="skip the time-breakdown pass after training")
   p.add_argument("--resume", action="store_true", help="continue the run in --log-dir from "
                  "its latest checkpoint; pass the same flags as the original run")
+  # Multi-process (jax.distributed); docs/multihost.md. Not Config fields: where a process
+  # sits is not part of what the run computes.
+  p.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (default: "
+                 f"${distributed.ENV_COORDINATOR})")
+  p.add_argument("--num-processes", type=int, dest="num_processes", help="multi-process: "
+                 f"processes in the run (default: ${distributed.ENV_NUM_PROCESSES}, else 1); "
+                 "--devices is then the total over all processes")
+  p.add_argument("--process-id", type=int, dest="process_id", help="multi-process: this "
+                 f"process, 0..N-1 (default: ${distributed.ENV_PROCESS_ID})")
   return p
 
 
@@ -99,7 +116,10 @@ def pipeline_supported(compressor: str) -> bool:
 
 
 def _run(argv: list[str]) -> None:
-  cfg, resume = resolve(build_parser().parse_args(argv))
+  args = build_parser().parse_args(argv)
+  spec = distributed.spec_from(*(vars(args).pop(name, None)
+                                 for name in ("coordinator", "num_processes", "process_id")))
+  cfg, resume = resolve(args)
   if resume and cfg.log_dir is None:
     raise UsageError("--resume needs --log-dir with the run to continue")
 
@@ -112,12 +132,51 @@ def _run(argv: list[str]) -> None:
     raise UsageError("only hggtopk supports --use-pipeline")
 
   import jax  # pylint: disable=import-outside-toplevel
+  if spec is not None:
+    _run_processes(cfg, spec, argv, resume)
+    return
   # Must precede the first backend use; it only affects the CPU backend, so on a GPU host
   # the default stays "all local GPUs".
   jax.config.update("jax_num_cpu_devices", cfg.devices or _CPU_DEFAULT_DEVICES)
 
   from train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", *argv], resume=resume)
+
+
+def _run_processes(cfg: Config, spec: distributed.ProcessSpec, argv: list[str],
+                   resume: bool) -> None:
+  """One process of a multi-process run: join, then train on the global mesh."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  if cfg.checkpoint or resume:
+    # Orbax writes each process's shards into one directory that all processes share,
+    # and every process here has its own run directory.
+    raise UsageError("multi-process runs do not checkpoint yet: pass --no-checkpoint "
+                     "(and no --resume)")
+  per_process = None  # CPU: one device per process unless --devices says more
+  if cfg.devices is not None:
+    if cfg.devices % spec.num_processes:
+      raise UsageError(f"--devices {cfg.devices} (the total) must be a multiple of "
+                       f"--num-processes {spec.num_processes}")
+    per_process = cfg.devices // spec.num_processes
+  distributed.initialize(spec, cpu_devices=per_process)
+  try:
+    from train import logs  # pylint: disable=import-outside-toplevel
+    from train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+    # Process 0 owns the run directory; process i writes its own files to process-i/.
+    base = distributed.broadcast_text(cfg.log_dir or logs.default_run_dir(cfg))
+    log_dir = base if spec.process_id == 0 else os.path.join(base, f"process-{spec.process_id}")
+    cfg = dataclasses.replace(cfg, devices=cfg.devices or jax.device_count(), log_dir=log_dir)
+    stream = None
+    if spec.process_id:
+      os.makedirs(log_dir, exist_ok=True)
+      stream = open(os.path.join(log_dir, "progress.log"), "a")  # pylint: disable=consider-using-with
+    train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", *argv], stream=stream)
+  except UsageError:
+    raise  # the same on every process: each exits 2 and the run ends cleanly
+  except Exception as err:  # noqa: BLE001 - any failure ends this process at once
+    distributed.exit_on_failure(spec, err)
 
 
 def main(argv: list[str] | None = None) -> int:

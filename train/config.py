@@ -27,7 +27,8 @@ class Config:
   weight_decay: float = 5e-4
   compressor: str = "hggtopk"
   density: float = 0.01
-  min_size: int = 0               # leaves with fewer elements go dense (hggjax option)
+  min_size: int = 1000            # leaves with fewer elements go dense (hggjax option)
+  momentum_correction: bool = True  # momentum inside the compressor (see make_optimizer)
   use_pipeline: bool = False
   data_dir: str | None = None
   log_dir: str | None = None      # the run's own directory; default logs/<name>-<time>

@@ -82,7 +82,7 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
   leaf_index, leaf_group, leaf_path = train_lib.largest_leaf(state.params, cfg.min_size)
   probe_fn = None
   if cfg.compressor != "none":
-    probe_fn = train_lib.make_threshold_probe(state, leaf_index, cfg.density)
+    probe_fn = train_lib.make_threshold_probe(state, leaf_index, cfg)
   batch_sharding = NamedSharding(mesh, P(train_lib.AXIS))
   schedule = train_lib.lr_schedule(cfg, total)
   log.line(f"{cfg.dataset} {cfg.model} {cfg.compressor}@{cfg.density:g} on {n_dev} "

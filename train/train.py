@@ -4,7 +4,7 @@ One 1-D mesh over the devices, axis "data". Parameters, BatchNorm statistics and
 optimizer state are replicated; the compressor's state (residuals, history, RNG key) has
 a leading device axis sharded over "data" (`hggjax.shard_state`). Each step runs under
 `jit(shard_map(...))`: per-device gradients -> hggjax transform (sparse exchange and
-mean over "data") -> weight decay -> SGD with momentum.
+mean over "data") -> SGD; momentum and weight decay as `make_optimizer` says.
 """
 
 from __future__ import annotations
@@ -51,6 +51,35 @@ def make_mesh(n_devices: int) -> jax.sharding.Mesh:
   return jax.make_mesh((n_devices,), (AXIS,), devices=devices[:n_devices])
 
 
+def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> slice:
+  """The rows of a global batch sharded over "data" that live on this process's devices.
+
+  One process: every row. Several (jax.distributed): a contiguous block, this process's
+  share, which it alone reads and feeds (`shard_batch`).
+  """
+  index = NamedSharding(mesh, P(AXIS)).addressable_devices_indices_map((batch_size,))
+  blocks = sorted({s[0].indices(batch_size)[:2] for s in index.values()})
+  if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])):
+    raise ValueError(f"this process's devices hold non-contiguous rows {blocks} of the batch: "
+                     "build the mesh with jax.make_mesh so each process's devices are adjacent")
+  return slice(blocks[0][0], blocks[-1][1])
+
+
+def shard_batch(mesh: jax.sharding.Mesh, batch_size: int, *local: np.ndarray) -> tuple:
+  """Global arrays sharded P("data") from this process's rows (`process_rows`) only."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return tuple(jax.make_array_from_process_local_data(sharding, x, (batch_size,) + x.shape[1:])
+               for x in local)
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process, sharded) array on this host; collective when not local."""
+  if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def lr_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
   """The seed's schedule: lr, x0.1 at 50% and x0.1 again at 75% of training."""
   return optax.piecewise_constant_schedule(
@@ -59,11 +88,23 @@ def lr_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
 
 def make_optimizer(cfg: Config, total_steps: int,
                    axis_name: str | None = AXIS) -> optax.GradientTransformation:
+  """Compressor, weight decay and SGD; where momentum acts depends on the config.
+
+  With `momentum_correction` (the default) each device keeps its own velocity of
+  gradient + weight decay inside the compressor (DGC's momentum correction, hggjax's
+  `momentum` option) and plain SGD applies the exchanged mean; without it the
+  compressor sends the gradient and SGD applies momentum to the exchanged mean.
+  """
   extra = {"pipeline": True} if cfg.use_pipeline else {}  # cli.pipeline_supported() checked
+  lr = lr_schedule(cfg, total_steps)
+  if cfg.momentum_correction:
+    compressor = hggjax.get_compressor(cfg.compressor, density=cfg.density, axis_name=axis_name,
+                                       min_size=cfg.min_size, momentum=cfg.momentum, **extra)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), compressor, optax.sgd(lr))
   compressor = hggjax.get_compressor(cfg.compressor, density=cfg.density, axis_name=axis_name,
                                      min_size=cfg.min_size, **extra)
   return optax.chain(compressor, optax.add_decayed_weights(cfg.weight_decay),
-                     optax.sgd(lr_schedule(cfg, total_steps), momentum=cfg.momentum))
+                     optax.sgd(lr, momentum=cfg.momentum))
 
 
 def create_train_state(cfg: Config, image_shape, num_classes: int, mesh,
@@ -151,10 +192,10 @@ def train_step(state: TrainState, step_fn, images, labels) -> tuple[TrainState, 
 
 def eval_step(state: TrainState, eval_fn, ds: data_lib.Dataset, batch_size: int) -> dict:
   """Test-set accuracy and loss; the only host sync is the final sum."""
-  sharding = NamedSharding(state.mesh, P(AXIS))
+  rows = process_rows(state.mesh, batch_size)  # each process feeds only its own rows
   total = jnp.zeros(3)
   for images, labels, weights in data_lib.eval_batches(ds, batch_size):
-    batch = jax.device_put((images, labels, weights), sharding)
+    batch = shard_batch(state.mesh, batch_size, images[rows], labels[rows], weights[rows])
     total = total + eval_fn(state.params, state.batch_stats, *batch)
   correct, loss, count = np.asarray(total)
   return {"test_accuracy": float(correct / count), "test_loss": float(loss / count)}
@@ -173,33 +214,42 @@ def largest_leaf(params, min_size: int = 0) -> tuple[int, int, str]:
   return i, group, jax.tree_util.keystr(flat[i][0])
 
 
-def make_threshold_probe(state: TrainState, leaf_index: int, density: float) -> Callable:
-  """Per-device exact top-k threshold |acc|_(k) of one leaf, acc = grad + residual.
+def make_threshold_probe(state: TrainState, leaf_index: int, cfg: Config) -> Callable:
+  """Per-device exact top-k threshold |acc|_(k) of one leaf: what the compressor selects from.
 
-  Run on the same inputs as the following train step, its result is the reference for
-  that step's compressor threshold (`hggjax.stats(...)['threshold']`).
+  acc = grad + residual, or with momentum correction momentum * velocity + (grad +
+  weight decay * param) + residual. Run on the same inputs as the following train step,
+  its result is the reference for that step's compressor threshold
+  (`hggjax.stats(...)['threshold']`).
   """
+  density = cfg.density
   specs = hggjax.state_specs(state.opt_state, AXIS)
   graphdef = state.graphdef
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=state.mesh,
-                     in_specs=(P(), P(), specs, P(AXIS), P(AXIS)), out_specs=P(AXIS))
+                     in_specs=(P(), P(), specs, P(AXIS), P(AXIS)), out_specs=P())
   def probe(params, batch_stats, opt_state, images, labels):
     *_, grads = _local_grads(graphdef, params, batch_stats, images, labels)
     acc = jax.tree.leaves(grads)[leaf_index].reshape(-1).astype(jnp.float32)
-    residual = hggjax.compression_state(opt_state).residual  # tuple over flattened leaves
+    compression = hggjax.compression_state(opt_state)
+    if compression.velocity is not None:  # see make_optimizer: decay, then the velocity
+      param = jax.tree.leaves(params)[leaf_index].reshape(-1).astype(jnp.float32)
+      velocity = compression.velocity[leaf_index].reshape(-1)
+      acc = cfg.momentum * velocity + (acc + cfg.weight_decay * param)
+    residual = compression.residual  # tuple over flattened leaves
     if residual is not None and residual[leaf_index] is not None:
       acc = acc + residual[leaf_index].reshape(-1)
     k = max(1, round(density * acc.size))
-    return jnp.min(jax.lax.top_k(jnp.abs(acc), k)[0])[None]
+    # float32[P], replicated: readable on every process of a multi-process run.
+    return jax.lax.all_gather(jnp.min(jax.lax.top_k(jnp.abs(acc), k)[0]), AXIS, to="invarying")
 
   return probe
 
 
 def compressor_stats(opt_state, group: int) -> dict[str, Any]:
   """Host-side summary of `hggjax.stats`: totals over devices and the probed leaf's threshold."""
-  s = hggjax.stats(opt_state)
+  s = {name: host_value(v) for name, v in hggjax.stats(opt_state).items()}
   out: dict[str, Any] = {}
   if "selected" in s:
     out["selected"] = int(np.sum(s["selected"]))

@@ -38,7 +38,7 @@ def test_flag_errors(args, message):
 def test_use_pipeline():
   from train.cli import pipeline_supported  # pylint: disable=import-outside-toplevel
   if pipeline_supported("hggtopk"):
-    result, message = run_cli("--use-pipeline", "--compressor", "topk"), "only hggtopk supports"
+    result, message = run_cli("--use-pipeline", "--compressor", "topk"), "only hggtopk supports --use-pipeline"
   else:
     result, message = run_cli("--use-pipeline"), "--use-pipeline is not implemented yet"
   assert result.returncode == 2, result.stderr
