@@ -371,7 +371,7 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = radix.MIN_FAST
 
       No full-length fallback: a ``lax.top_k`` over all n elements (radix.top_k's)
       or the whole-vector histogram (hgg_topk's), present in a branch that never
-      ran, made every call 5-9 ms slower at n = 1e7 (measured, docs/pipeline.md).
+      ran, made every call 5-9 ms slower at n = 1e7 (measured).
       """
       if not fast:
         exact = with_cut(jax.lax.top_k(jnp.abs(x), k)[1].astype(jnp.int32))

@@ -118,7 +118,7 @@ def pack_many(a: jax.Array, edges: jax.Array) -> jax.Array:
 
   The J masks are packed in one reduction over the same 32 elements, so `a` is
   read once: with J = 8 (8 uint32 lanes, one AVX2 vector) this measured 1.2x the
-  time of a single `pack` on this CPU (5.7 vs 4.7 ms at n = 1e7), J = 16 2-3x J = 8.
+  time of a single `pack` on this CPU (5.7 vs 4.7 ms at n = 1e7), J = 16 1.5-3x J = 8.
   Padding is -1, below every edge >= 0. `edges` is materialised first: left to
   fusion, XLA recomputed their arithmetic for every element (4x slower, measured).
   """
