@@ -17,7 +17,9 @@ host). Everything made here (namespaces, hence links and qdiscs, /etc/netns entr
 temporary directory) is removed at the end, also on failure or Ctrl-C.
 
 The workers (`benchmarks/network_worker.py`, one per namespace, joined through
-jax.distributed with gloo) compile everything on unshaped links, then for each rate ask
+jax.distributed with gloo; process i pinned to core i mod cpus unless `--no-pin`, so
+each computes on its own core as it would on its own host, and with huge pages via the
+launcher's GLIBC_TUNABLES) compile everything on unshaped links, then for each rate ask
 for the shaping and measure: the raw exchange (dense pmean vs the packed all_gather,
 `sparse_mean` and the densify alone) and full train steps of a 25M-parameter MLP per
 compressor. "ideal" is bytes per process / link rate: for the dense mean a ring
@@ -185,9 +187,15 @@ def run_processes(args, processes: int) -> list[dict]:
               "--reps", str(args.reps)]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"JAX_PLATFORMS": "cpu", "PYTHONPATH": repo}
+    prefix = net.prefix
+    if args.pin:
+      # Process i on core i mod cpus: each process computes on its own core, as it
+      # would on its own host, instead of two XLA thread pools fighting for both.
+      cpus = os.cpu_count() or 1
+      prefix = lambda i: [*net.prefix(i), "taskset", "-c", str(i % cpus)]  # noqa: E731
     results = distributed.launch_local(
         worker, processes, timeout_s=args.timeout, env=env, cwd=repo,
-        coordinator=f"{net.address(0)}:{PORT}", prefix=net.prefix, on_tick=on_tick)
+        coordinator=f"{net.address(0)}:{PORT}", prefix=prefix, on_tick=on_tick)
     failed = [r for r in results if r.returncode != 0]
     if failed:
       r = failed[0]
@@ -272,11 +280,14 @@ def _args(argv=None):
                  help=f"link rates in tc syntax, or {UNSHAPED} (default: 1gbit,100mbit)")
   p.add_argument("--n", type=int, default=25_000_000, help="raw exchange size (elements)")
   p.add_argument("--densities", default="0.01,0.05", help="raw exchange densities")
-  p.add_argument("--compressors", default="none,hggtopk,topk,gaussian,randomk")
+  p.add_argument("--compressors", default="none,hggtopk,hggtopk+pipeline,topk,gaussian,randomk",
+                 help='train-step compressors; "hggtopk+pipeline" is hggtopk(pipeline=True)')
   p.add_argument("--train-density", type=float, default=0.01)
   p.add_argument("--reps", type=int, default=3, help="timed calls per row (median)")
   p.add_argument("--timeout", type=float, default=3000.0,
                  help="seconds per process count before every worker is killed")
+  p.add_argument("--no-pin", dest="pin", action="store_false",
+                 help="do not pin process i to core i mod cpus (taskset)")
   p.add_argument("--out", default="benchmarks/results/network_cpu.json")
   return p.parse_args(argv)
 
@@ -291,7 +302,8 @@ def main(argv=None) -> int:
     return 0
   # Ctrl-C or SIGTERM: unwind through the finally blocks that remove the namespaces.
   signal.signal(signal.SIGTERM, _interrupt)
-  report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+  report = {"pinned": args.pin,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "jax": jax.__version__, "load_avg_start": os.getloadavg()},
             "command": " ".join(["python", "-m", "benchmarks.network", *(argv or sys.argv[1:])]),
             "runs": []}

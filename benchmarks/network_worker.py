@@ -29,11 +29,6 @@ import time
 
 from train import distributed
 
-# Wide MLP: 1024 -> 6144 -> 3072 -> 10, 25.2M parameters; 8 examples per process keep
-# the compute small next to a 100 MB dense exchange.
-LAYERS = (1024, 6144, 3072, 10)
-PER_PROCESS_BATCH = 8
-
 
 def _args(argv=None):
   p = argparse.ArgumentParser()
@@ -41,7 +36,8 @@ def _args(argv=None):
   p.add_argument("--phases", required=True, help="comma-separated link rates, in order")
   p.add_argument("--n", type=int, default=25_000_000)
   p.add_argument("--densities", default="0.01,0.05")
-  p.add_argument("--compressors", default="none,hggtopk,topk,gaussian,randomk")
+  p.add_argument("--compressors", default="none,hggtopk,topk,gaussian,randomk",
+                 help='comma-separated names; "hggtopk+pipeline" is hggtopk(pipeline=True)')
   p.add_argument("--train-density", type=float, default=0.01)
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--handshake-timeout", type=float, default=300.0)
@@ -69,6 +65,7 @@ def _run(args, spec) -> dict:
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   import hggjax  # pylint: disable=import-outside-toplevel
+  from benchmarks import mlp  # pylint: disable=import-outside-toplevel
   from hggjax import exchange  # pylint: disable=import-outside-toplevel
   from hggjax.payload import Payload  # pylint: disable=import-outside-toplevel
 
@@ -126,25 +123,13 @@ def _run(args, spec) -> dict:
                  (jnp.asarray(gathered_v), jnp.asarray(gathered_i)))
 
   # --- 2. train steps ------------------------------------------------------------------
-  keys = jax.random.split(jax.random.key(0), len(LAYERS))
-  params = {}
-  for j, (a, b) in enumerate(zip(LAYERS[:-1], LAYERS[1:])):
-    params[f"w{j}"] = np.asarray(jax.random.normal(keys[j], (a, b)) / np.sqrt(a), np.float32)
-    params[f"b{j}"] = np.zeros((b,), np.float32)
+  params = mlp.init_params()
   num_params = sum(v.size for v in params.values())
   replicated = NamedSharding(mesh, P())
   params = {k: jax.make_array_from_callback(v.shape, replicated, lambda i, v=v: v[i])
             for k, v in params.items()}
-  images = local_rows(rng.standard_normal((PER_PROCESS_BATCH, LAYERS[0]), np.float32))
-  labels = local_rows(rng.integers(0, LAYERS[-1], PER_PROCESS_BATCH).astype(np.int32))
-
-  def loss_fn(p, x, y):
-    h = x
-    for j in range(len(LAYERS) - 1):
-      h = h @ p[f"w{j}"] + p[f"b{j}"]
-      if j < len(LAYERS) - 2:
-        h = jax.nn.relu(h)
-    return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+  images, labels = (local_rows(a) for a in mlp.batch(rng))
+  loss_fn = mlp.loss_fn
 
   compute_fn = jax.jit(smap(
       lambda p, x, y: jax.grad(loss_fn)(jax.lax.pcast(p, "data", to="varying"), x, y),
@@ -152,8 +137,10 @@ def _run(args, spec) -> dict:
 
   steps = {}
   for name in args.compressors.split(","):
-    tx = optax.chain(hggjax.get_compressor(name, density=args.train_density, axis_name="data"),
-                     optax.sgd(1e-3))
+    base, _, option = name.partition("+")  # "hggtopk+pipeline": hggtopk(pipeline=True)
+    extra = {option: True} if option else {}
+    tx = optax.chain(hggjax.get_compressor(base, density=args.train_density, axis_name="data",
+                                           **extra), optax.sgd(1e-3))
     state = hggjax.shard_state(tx.init(params), mesh, "data")
     specs = hggjax.state_specs(state, "data")
 
@@ -163,9 +150,10 @@ def _run(args, spec) -> dict:
       updates, s = tx.update(grads, s, p)
       return optax.apply_updates(p, updates), s
 
+    # Donated like the harness's step: new params and state reuse the old buffers.
     step_fn = jax.jit(smap(step, in_specs=(P(), specs, P("data"), P("data")),
-                           out_specs=(P(), specs)))
-    steps[name] = (step_fn, state)
+                           out_specs=(P(), specs)), donate_argnums=(0, 1))
+    steps[name] = [step_fn, (jax.tree.map(jnp.copy, params), state)]
 
   # Compile everything before the first phase (unshaped links compile-and-run fast).
   t_compile = time.perf_counter()
@@ -173,8 +161,9 @@ def _run(args, spec) -> dict:
   for c, gather_fn, mean_fn, densify_fn, payload, gathered in sparse.values():
     jax.block_until_ready((gather_fn(*payload), mean_fn(*payload), densify_fn(*gathered)))
   jax.block_until_ready(compute_fn(params, images, labels))
-  for name, (step_fn, state) in steps.items():
-    jax.block_until_ready(step_fn(params, state, images, labels))
+  for run in steps.values():
+    run[1] = run[0](*run[1], images, labels)
+    jax.block_until_ready(run[1])
   compile_s = time.perf_counter() - t_compile
 
   phases = []
@@ -194,10 +183,11 @@ def _run(args, spec) -> dict:
           "capacity": c, "bytes_per_process": (nproc - 1) * c * 8}
     compute_s, _ = timed(compute_fn, params, images, labels)
     row["train"]["compute_only_s"] = compute_s
-    for name, (step_fn, state) in steps.items():
-      step_s, (_, new_state) = timed(step_fn, params, state, images, labels,
-                                     feed=lambda xs, out: (xs[0], out[1], xs[2], xs[3]))
-      stats = hggjax.stats(new_state)
+    for name, run in steps.items():
+      # Each call continues from the last one's (donated) params and state.
+      step_s, run[1] = timed(run[0], *run[1], images, labels,
+                             feed=lambda xs, out: (*out, *xs[2:]))
+      stats = hggjax.stats(run[1][1])
       row["train"][name] = {
           "step_s": step_s,
           "sent_bytes": float(np.asarray(stats["sent_bytes"].addressable_shards[0].data)[0]),
@@ -205,8 +195,8 @@ def _run(args, spec) -> dict:
     phases.append(row)
     print(f"process {spec.process_id}: phase {phase} done", flush=True)
   return {"process_id": spec.process_id, "processes": nproc, "compile_s": compile_s,
-          "num_params": int(num_params), "per_process_batch": PER_PROCESS_BATCH,
-          "layers": LAYERS, "train_density": args.train_density, "reps": args.reps,
+          "num_params": int(num_params), "per_process_batch": mlp.PER_PROCESS_BATCH,
+          "layers": mlp.LAYERS, "train_density": args.train_density, "reps": args.reps,
           "phases": phases}
 
 

@@ -6,6 +6,7 @@ is the one place where residuals are formed and kept.
 
 from collections.abc import Sequence
 import dataclasses
+import math
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -90,6 +91,14 @@ def _plan(leaves: Sequence[Any], density: float, scope: Scope, min_size: int,
     buckets.setdefault((g,) if per_group else (n, str(wire)), []).append(g)
   return _Plan(sparse, dense, groups, sizes, ks, wires,
                tuple(tuple(b) for b in buckets.values()))
+
+
+def _unravel(flat: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
+  """Index arrays into `shape` for flat positions; a position >= the size stays out
+  of range (in the first dimension), so ``mode="drop"`` still drops padding slots."""
+  strides = [math.prod(shape[j + 1:]) for j in range(len(shape))]
+  return tuple(flat // s if j == 0 else (flat // s) % d
+               for j, (s, d) in enumerate(zip(strides, shape)))
 
 
 def _select_rows(selector: Selector, x, k, prev_thresholds, keys) -> Selection:
@@ -181,6 +190,7 @@ def sparsify(
   def update_fn(updates, state, params=None, *, device_index=None, **extra_args):
     """Compress `updates`; `device_index` lets one process play device i without an axis."""
     del params, extra_args
+    held = state.residual  # as stored: with an axis, [1, *shape] per leaf (see step 4)
     state = local(state)
     leaves, treedef = jax.tree.flatten(updates)
     plan = _plan(leaves, density, scope, min_size, pipeline is not None)
@@ -196,7 +206,7 @@ def sparsify(
       key = jax.random.fold_in(key, device_index)
 
     out = list(leaves)  # non-floating leaves pass through untouched
-    residual = list(state.residual) if error_feedback else None
+    residual = list(held) if error_feedback else None  # kept in the stored shapes
     # Momentum correction: what is compressed is each device's own velocity.
     grads, velocity = list(leaves), None
     if momentum:
@@ -217,12 +227,19 @@ def sparsify(
     for bucket in plan.buckets:
       n, k, wire = plan.sizes[bucket[0]], plan.ks[bucket[0]], plan.wires[bucket[0]]
       # Step 1: error feedback, acc = g + residual: one flat float32 row per group.
-      rows = []
-      for g in bucket:
-        acc = [grads[i].astype(jnp.float32).ravel() for i in plan.groups[g]]
-        if error_feedback:
-          acc = [a + state.residual[i].ravel() for a, i in zip(acc, plan.groups[g])]
-        rows.append(acc[0] if len(acc) == 1 else jnp.concatenate(acc))
+      rows, kept = [], None
+      leaf = plan.groups[bucket[0]][0]
+      if (error_feedback and len(bucket) == 1 and len(plan.groups[bucket[0]]) == 1
+          and held[leaf].ndim):
+        # One leaf alone: acc in the stored residual's own shape (see step 4).
+        kept = grads[leaf].astype(jnp.float32).reshape(held[leaf].shape) + held[leaf]
+        rows.append(kept.ravel())
+      else:
+        for g in bucket:
+          acc = [grads[i].astype(jnp.float32).ravel() for i in plan.groups[g]]
+          if error_feedback:
+            acc = [a + state.residual[i].ravel() for a, i in zip(acc, plan.groups[g])]
+          rows.append(acc[0] if len(acc) == 1 else jnp.concatenate(acc))
       x = jnp.stack(rows)  # [m, n]
       # Step 2: select k positions per row; read their values in the wire dtype.
       ids = jnp.asarray(bucket)
@@ -239,26 +256,43 @@ def sparsify(
       # Step 3: exchange, then the mean of every device's payload.
       mean = exchange.sparse_mean(Payload(values, sel.indices), n, axis_name)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.
-      if error_feedback:
-        row = jnp.arange(len(bucket))[:, None]
-        rest = x.at[row, sel.indices].add(-values.astype(jnp.float32), mode="drop")
+      if kept is not None:
+        # Scattered in the stored residual's shape, the new residual is written into
+        # the old one's buffer when the caller donates the state; through a reshape or
+        # the added device axis XLA copied all n elements once more.
+        sent = values[0].astype(jnp.float32)
+        # Every read of acc must come before this scatter overwrites it in place, or XLA
+        # copies acc first. Reads that feed the indices or values do; the selector's
+        # threshold (it reads the sent magnitudes again) is tied in here. It changes
+        # nothing unless the threshold is NaN, i.e. acc holds NaN already.
+        sent = jnp.where(jnp.isnan(sel.threshold[0]), jnp.nan, sent)
+        residual[leaf] = kept.at[_unravel(sel.indices[0], kept.shape)].add(-sent, mode="drop")
+      elif error_feedback:
+        if len(bucket) == 1:
+          # On the 1-D row itself, the value the selector read: scattering into the
+          # [1, n] view instead made XLA compute g + residual twice (one more pass).
+          rest = rows[0].at[sel.indices[0]].add(-values[0].astype(jnp.float32), mode="drop")[None]
+        else:
+          row = jnp.arange(len(bucket))[:, None]
+          rest = x.at[row, sel.indices].add(-values.astype(jnp.float32), mode="drop")
       for r, g in enumerate(bucket):
         offset = 0
         for i in plan.groups[g]:
           size, shape = leaves[i].size, leaves[i].shape
           out[i] = mean[r, offset:offset + size].reshape(shape).astype(leaves[i].dtype)
-          if error_feedback:
+          if error_feedback and kept is None:
             residual[i] = rest[r, offset:offset + size].reshape(shape)
+            residual[i] = residual[i][None] if axis_name else residual[i]
           offset += size
       threshold = threshold.at[ids].set(sel.threshold)
       history_hit = history_hit.at[ids].set(sel.history_hit)
       selected += jnp.sum(sel.indices < n, dtype=jnp.int32)
       passed += jnp.sum(sel.passed, dtype=jnp.int32)
 
-    new_state = CompressionState(
+    new_state = per_device(CompressionState(
         count=optax.safe_increment(state.count),
         rng_key=next_key,
-        residual=tuple(residual) if error_feedback else None,
+        residual=None,  # already in the stored shapes, set below
         threshold=threshold,
         history_hit=history_hit,
         selected=selected,
@@ -268,7 +302,8 @@ def sparsify(
         dense_bytes=jnp.asarray(dense_bytes, jnp.float32),
         pipeline=carry,
         velocity=tuple(velocity) if momentum else None,
-    )
-    return jax.tree.unflatten(treedef, out), per_device(new_state)
+    ))
+    new_state = new_state._replace(residual=tuple(residual) if error_feedback else None)
+    return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -149,11 +149,6 @@ def _run_processes(cfg: Config, spec: distributed.ProcessSpec, argv: list[str],
   import dataclasses  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  if cfg.checkpoint or resume:
-    # Orbax writes each process's shards into one directory that all processes share,
-    # and every process here has its own run directory.
-    raise UsageError("multi-process runs do not checkpoint yet: pass --no-checkpoint "
-                     "(and no --resume)")
   per_process = None  # CPU: one device per process unless --devices says more
   if cfg.devices is not None:
     if cfg.devices % spec.num_processes:
@@ -172,7 +167,10 @@ def _run_processes(cfg: Config, spec: distributed.ProcessSpec, argv: list[str],
     if spec.process_id:
       os.makedirs(log_dir, exist_ok=True)
       stream = open(os.path.join(log_dir, "progress.log"), "a")  # pylint: disable=consider-using-with
-    train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", *argv], stream=stream)
+    # One checkpoint directory for all: orbax writes each process's shards into it (on
+    # several hosts it must be a shared filesystem).
+    train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", *argv], stream=stream,
+                       resume=resume, checkpoint_dir=os.path.join(base, "checkpoints"))
   except UsageError:
     raise  # the same on every process: each exits 2 and the run ends cleanly
   except Exception as err:  # noqa: BLE001 - any failure ends this process at once

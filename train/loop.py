@@ -9,8 +9,6 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from train import checkpoint
 from train import data as data_lib
@@ -36,7 +34,8 @@ def _format_bytes(n: float) -> str:
 
 def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bool = False,
                        stop_after: int | None = None, dataset: data_lib.Dataset | None = None,
-                       stream: TextIO | None = None) -> dict[str, Any]:
+                       stream: TextIO | None = None,
+                       checkpoint_dir: str | None = None) -> dict[str, Any]:
   """Trains `cfg` and returns the summary (also written to <log_dir>/summary.json).
 
   Args:
@@ -47,6 +46,9 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
       the schedule; `None` trains to the end. Used to test resume.
     dataset: an already loaded dataset (tests); by default `cfg.dataset` is loaded.
     stream: where progress goes (default stdout).
+    checkpoint_dir: where orbax keeps checkpoints (default <log_dir>/checkpoints). In a
+      multi-process run every process passes the same directory: each writes its own
+      shards there and process 0 the metadata.
   """
   ds = dataset or data_lib.load_dataset(cfg.dataset, cfg.data_dir,
                                         synthetic_size=cfg.synthetic_size)
@@ -67,11 +69,12 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
 
   mesh = train_lib.make_mesh(n_dev)
   state = train_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, total)
-  mngr = checkpoint.manager(os.path.join(cfg.log_dir, "checkpoints")) if cfg.checkpoint else None
+  checkpoint_dir = checkpoint_dir or os.path.join(cfg.log_dir, "checkpoints")
+  mngr = checkpoint.manager(checkpoint_dir) if cfg.checkpoint else None
   if resume:
     last = checkpoint.latest_step(mngr) if mngr else None
     if last is None:
-      raise UsageError(f"--resume: no checkpoint in {cfg.log_dir}/checkpoints")
+      raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}")
     restored = checkpoint.restore(mngr, last, state.arrays())
     state = dataclasses.replace(state, step=last, **restored)
     log.line(f"resumed from step {last}")
@@ -83,7 +86,7 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
   probe_fn = None
   if cfg.compressor != "none":
     probe_fn = train_lib.make_threshold_probe(state, leaf_index, cfg)
-  batch_sharding = NamedSharding(mesh, P(train_lib.AXIS))
+  rows = train_lib.process_rows(mesh, cfg.batch_size)  # this process feeds only these rows
   schedule = train_lib.lr_schedule(cfg, total)
   log.line(f"{cfg.dataset} {cfg.model} {cfg.compressor}@{cfg.density:g} on {n_dev} "
            f"{jax.devices()[0].platform} devices: {total} steps ({spe}/epoch), "
@@ -104,8 +107,8 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
   t_start = time.perf_counter()
   while state.step < end:
     step = state.step
-    images, labels = data_lib.train_batch(ds, step, cfg.batch_size, cfg.seed, do_augment)
-    images, labels = jax.device_put((images, labels), batch_sharding)
+    images, labels = train_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
+        ds, step, cfg.batch_size, cfg.seed, do_augment, rows=rows))
     log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end
     exact = None
     if log_now and probe_fn is not None:
@@ -161,9 +164,9 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
 
   timing = None
   if cfg.profile and state.step == total:
-    images, labels = data_lib.train_batch(ds, 0, cfg.batch_size, cfg.seed, do_augment)
-    timing = profile.time_breakdown(state, cfg, jax.device_put((images, labels), batch_sharding),
-                                    step_fn, reps=cfg.profile_reps)
+    batch = train_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
+        ds, 0, cfg.batch_size, cfg.seed, do_augment, rows=rows))
+    timing = profile.time_breakdown(state, cfg, batch, step_fn, reps=cfg.profile_reps)
     log.write_json("timing.json", timing)
     log.line(profile.describe(timing))
 

@@ -4,7 +4,8 @@ Every piece runs under the same `shard_map` over the same mesh as the real step,
 compiled and run once before timing, and each timed call ends in
 `jax.block_until_ready`; the result is the median over `reps` calls.
 
-- step:      the real train step (gradient, compression, exchange, optimizer).
+- step:      the real train step (gradient, compression, exchange, optimizer), on a copy
+             of the state (it is donated), each call continuing from the last.
 - compute:   per-device forward + backward only (BatchNorm statistics still pmean'd).
 - selection: the compressor with `axis_name=None` (local compress + decompress, no
              collective) on that step's gradients; its state is fed forward between
@@ -32,9 +33,14 @@ from train import train as train_lib
 AXIS = train_lib.AXIS
 
 
-def _interleaved_medians(pieces: dict[str, tuple], reps: int) -> dict[str, float]:
+def interleaved_medians(pieces: dict[str, tuple], reps: int) -> dict[str, float]:
   """Median seconds per piece; pieces alternate within each round, so background load
-  (other processes on a shared host) hits all of them alike."""
+  (other processes on a shared host) hits all of them alike.
+
+  `pieces` maps a name to (fn, args, feed): each call is fn(*args), after one untimed
+  call; feed(args, last output) -> the next args, or None to reuse args (a donating fn
+  must be fed its own outputs).
+  """
   state = {}
   for name, (fn, args, _) in pieces.items():  # compile and warm up
     state[name] = (args, fn(*args))
@@ -89,9 +95,11 @@ def time_breakdown(state: train_lib.TrainState, cfg, batch, step_fn=None,
     return jax.tree.map(lambda g: jax.lax.pmean(g[0], AXIS), grads)
 
   grads = compute(state.params, state.batch_stats, images, labels)
-  t = _interleaved_medians({
-      "step": (step_fn, (state.params, state.batch_stats, state.opt_state, images, labels),
-               None),
+  t = interleaved_medians({
+      # The step donates its state: it runs on a copy, each call on the last one's output.
+      "step": (step_fn, (*jax.tree.map(jnp.copy, (state.params, state.batch_stats,
+                                                   state.opt_state)), images, labels),
+               lambda args, out: (*out[:3], *args[3:])),
       "compute": (compute, (state.params, state.batch_stats, images, labels), None),
       "selection": (selection, (grads, local_state, state.params),
                     lambda args, out: (args[0], out[1], args[2])),

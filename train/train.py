@@ -146,11 +146,17 @@ def _local_grads(graphdef, params, batch_stats, images, labels):
 
 
 def make_train_step(state: TrainState) -> Callable:
-  """jit(shard_map(step)): (params, batch_stats, opt_state, images, labels) -> new + metrics."""
+  """jit(shard_map(step)): (params, batch_stats, opt_state, images, labels) -> new + metrics.
+
+  params, batch_stats and opt_state are donated: the arrays passed in are deleted.
+  """
   specs = hggjax.state_specs(state.opt_state, AXIS)
   graphdef, tx = state.graphdef, state.tx
 
-  @jax.jit
+  # The old params, BatchNorm statistics and optimizer state are dead after the step:
+  # donating them lets XLA write the new ones in place instead of into fresh buffers
+  # (on CPU every fresh buffer of a large model is page-faulted in again each step).
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   @functools.partial(jax.shard_map, mesh=state.mesh,
                      in_specs=(P(), P(), specs, P(AXIS), P(AXIS)),
                      out_specs=(P(), P(), specs, P()))
