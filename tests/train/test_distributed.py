@@ -138,12 +138,13 @@ def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path):
 
 @pytest.mark.slow
 def test_cli_two_processes_end_to_end(tmp_path):
-  """`python -m train.distributed -n 2 -- -m train.cifar ...`: both processes agree."""
+  """`python -m train.distributed -n 2 -- -m train.cifar ...`: both processes agree and
+  checkpoint into one directory."""
   log_dir = tmp_path / "run"
   proc = subprocess.run(
       [sys.executable, "-m", "train.distributed", "-n", "2", "--timeout", "600", "--", "-m",
        "train.cifar", "--dataset", "synthetic", "--steps", "3", "--batch-size", "16",
-       "--min-size", "1000", "--density", "0.1", "--log-every", "1", "--no-checkpoint",
+       "--min-size", "1000", "--density", "0.1", "--log-every", "1",
        "--log-dir", str(log_dir)],
       cwd=REPO, capture_output=True, text=True, timeout=660, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -152,6 +153,9 @@ def test_cli_two_processes_end_to_end(tmp_path):
   assert summaries[0]["devices"] == 2 and summaries[0]["step"] == 3
   for key in ("test_loss", "test_accuracy", "sent_bytes", "dense_bytes", "selected"):
     assert summaries[0][key] == summaries[1][key], key
+  # One checkpoint directory for both processes, in process 0's run directory.
+  assert (log_dir / "checkpoints" / "3").is_dir()
+  assert not (log_dir / "process-1" / "checkpoints").exists()
 
 
 def _resume_worker(pid: int, mesh, out_dir: str) -> None:
