@@ -35,3 +35,12 @@ def exact_topk_positions(x: np.ndarray, k: int) -> np.ndarray:
 
 def k_of(density: float, n: int) -> int:
   return max(1, round(density * n))
+
+
+def assert_error_feedback_exact(grads: dict, old_residual, sent: dict, new_residual) -> None:
+  """g + residual_old == sent + residual_new, bit for bit, per leaf (sorted by name, the
+  order of the transform's flattened residual tuple)."""
+  for i, leaf in enumerate(sorted(grads)):
+    acc = np.asarray(grads[leaf], np.float32) + np.asarray(old_residual[i])
+    np.testing.assert_array_equal(
+        acc, np.asarray(sent[leaf]) + np.asarray(new_residual[i]), err_msg=leaf)
