@@ -17,11 +17,17 @@ Steps per selection group, all inside one jitted function:
 Only one branch of each ``lax.cond`` runs, so an accepted history costs one
 counting pass instead of a histogram.
 
-How it is made fast without changing the answer (vectors of >= `min_fast_n`):
+How it is made fast without changing the answer (vectors of >= `min_fast_n`;
+the one exception is the sample's rejection of a history, below):
   * Step 2 packs the mask a >= prev into bits in one pass (`radix.pack`); the
     popcount is the count, and on acceptance the same words are compacted into
     k + tol_k candidates (`radix.compact`), so an accepted history is one pass
-    over a plus work on n/32 words.
+    over a plus work on n/32 words (and no trim when at most k passed). When
+    the 1/r sample drawn for step 3 already puts the count at prev more than Z
+    binomial sd (plus tol_k) from k, the history is rejected on the sample (the
+    exact count would reject it too unless the sample is off by Z sd) and the
+    one pass packs the low cut's mask instead: only a history that the sample
+    could not reject but the count did costs a second pass.
   * Steps 3-4 histogram only the candidates: a low cut from a 1/r sample of a
     (`radix.low_cut`) lets between k and K elements through w.h.p.; those K are
     compacted out, and the seed's log1p histogram is built over them alone. For
@@ -161,26 +167,34 @@ def hgg_topk(
     tol_k = max(1, math.floor(tolerance * k))
     cap = max(radix.low_cut_capacity(n, k), k + tol_k)
 
-    # Step 2: history, one packed pass; accepted within tolerance.
+    # Step 2: history, one packed pass; accepted within tolerance. The low cut's
+    # sample sees the previous cut first: when its count there is more than Z
+    # binomial sd (plus the tolerance) from k, the history is rejected without
+    # counting, and the one pass packs |x| >= the low cut instead. Only a history
+    # the sample could not reject but the exact count did costs a second pass.
     known = prev_threshold > 0
+    s = jnp.abs(radix.sample(x, radix.sample_rate(k)))  # low_cut's sample
+    mu = k * s.shape[0] / n
+    seen = jnp.sum(s >= prev_threshold, dtype=jnp.int32).astype(jnp.float32)
+    plausible = known & (jnp.abs(seen - mu) <= radix.Z * math.sqrt(mu) + tol_k * mu / k + 1)
 
-    def count_prev():
-      words = radix.pack(jnp.abs(x) >= prev_threshold)
-      return words, jnp.sum(radix.popcounts(words))
+    def low_cut():
+      return radix.low_cut(x, k, s)[0]
 
-    def cold():
-      return _varying_like((jnp.zeros(-(-n // 32), jnp.uint32), jnp.int32(-1)), x, prev_threshold)
+    # The pass is outside any cond, so XLA may fuse it with the code before it.
+    first = jax.lax.cond(plausible, lambda: prev_threshold, low_cut)
+    words = radix.pack(jnp.abs(x) >= first)
+    count = jnp.sum(radix.popcounts(words))
+    hit = plausible & (jnp.abs(count - k) <= tol_k)
+    count = jnp.where(plausible, count, -1)
 
-    words, count = jax.lax.cond(known, count_prev, cold)
-    hit = known & (jnp.abs(count - k) <= tol_k)
-
-    def sample_low_cut():
-      low, _ = radix.low_cut(x, k)
+    def second_pass():
+      low = low_cut()
       return radix.pack(jnp.abs(x) >= low), low
 
     # The candidates: everything >= the accepted cut (at most k + tol_k), or
     # everything >= a sampled low cut (between k and cap, w.h.p.).
-    words, floor = jax.lax.cond(hit, lambda: (words, prev_threshold), sample_low_cut)
+    words, floor = jax.lax.cond(plausible & ~hit, second_pass, lambda: (words, first))
     pos, n_floor = radix.compact(words, n, cap)
     keys = jnp.where(pos < n, radix.magnitude_keys(x.at[pos].get(mode="fill", fill_value=0)), -1)
     a = jnp.where(keys >= 0, radix.key_to_float(keys), 0.0)
@@ -197,7 +211,10 @@ def hgg_topk(
 
     def finish():
       # Step 5: the k largest of the candidates >= cut.
-      idx = radix.take_largest(keys, pos, k, radix.float_to_key(cut), n)
+      # An accepted history passing at most k needs no trim: its candidates are it.
+      idx = jax.lax.cond(
+          hit & (count <= k), lambda: pos[:k],
+          lambda: radix.take_largest(keys, pos, k, radix.float_to_key(cut), n))
       sent = jnp.abs(x.at[idx].get(mode="fill", fill_value=jnp.inf))
       sent_cut = jnp.min(sent)
       sent_cut = jnp.where(jnp.isfinite(sent_cut), sent_cut, 0.0).astype(jnp.float32)

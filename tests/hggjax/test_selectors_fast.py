@@ -61,9 +61,15 @@ def test_hggtopk_fast_path_matches_reference(distribution):
   k = k_of(0.01, N)
   x = draw(distribution, N, seed=2)
   fast, ref = _kernel("hgg_fast", k), _kernel("hgg_reference", k)
-  # Cold start, an accepted history, and a history that misses (window search).
+  # Cold start, an accepted history, a history that misses (window search), and
+  # cuts passing k + tol_k (accepted) and k + tol_k + 1 (rejected): the fast path's
+  # sample must leave those to the exact count.
   cold = ref(x, jnp.float32(0))
-  for prev in (jnp.float32(0), cold.threshold, cold.threshold * 0.8):
+  tol_k = max(1, int(0.01 * k))
+  ranked = np.sort(np.abs(np.asarray(x)))[::-1]
+  edge_in, edge_out = jnp.float32(ranked[k + tol_k - 1]), jnp.float32(ranked[k + tol_k])
+  assert bool(fast(x, edge_in).history_hit) and not bool(fast(x, edge_out).history_hit)
+  for prev in (jnp.float32(0), cold.threshold, cold.threshold * 0.8, edge_in, edge_out):
     a, b = fast(x, prev), ref(x, prev)
     np.testing.assert_array_equal(np.sort(_valid(a)), np.sort(_valid(b)))
     assert int(a.passed) == int(b.passed)
