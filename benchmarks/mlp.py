@@ -11,6 +11,7 @@ import optax
 
 LAYERS = (1024, 6144, 3072, 10)
 PER_PROCESS_BATCH = 8
+DESCRIPTION = "MLP " + "-".join(map(str, LAYERS))
 
 
 def init_params(seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """What compression buys on a slow network: N processes on bandwidth-shaped links.
 
-    sudo python -m benchmarks.network        # 2 and 4 processes, 1 Gbit/s and 100 Mbit/s
+    sudo python -m benchmarks.network --model bag   # 2 and 4 processes, 1 Gbit/s and 100 Mbit/s
     sudo python -m benchmarks.network --processes 2 --rates 1gbit --reps 2
 
 Needs root (network namespaces, `tc`); without it, or where namespaces cannot be made,
@@ -18,12 +18,14 @@ temporary directory) is removed at the end, also on failure or Ctrl-C.
 
 The workers (`benchmarks/network_worker.py`, one per namespace, joined through
 jax.distributed with gloo; process i pinned to core i mod cpus unless `--no-pin`, so
-each computes on its own core as it would on its own host, and with huge pages via the
-launcher's GLIBC_TUNABLES) compile everything on unshaped links, then for each rate ask
+each computes on its own core as it would on its own host, with tcmalloc preloaded when
+it is installed (`--malloc`) and huge pages via the launcher's GLIBC_TUNABLES) compile everything on unshaped links, then for each rate ask
 for the shaping and measure: the raw exchange (dense pmean vs the packed all_gather,
-`sparse_mean` and the densify alone) and full train steps of a 25M-parameter MLP per
-compressor. "ideal" is bytes per process / link rate: for the dense mean a ring
-all-reduce's 2 (P-1)/P * 4n bytes, for the all_gather (P-1) * C * 8 bytes.
+`sparse_mean` and the densify alone) and full train steps of a 25M-parameter model per
+compressor (`--model`: `mlp`, a wide MLP, or `bag`, an embedding table whose compute
+is nearly free; `benchmarks/models.py`). "ideal" is bytes per process / link rate: for
+the dense mean a ring all-reduce's 2 (P-1)/P * 4n bytes, for the all_gather
+(P-1) * C * 8 bytes.
 
 Prints a table and writes JSON (`--out`).
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes.util
 import json
 import os
 import platform
@@ -45,6 +48,7 @@ import time
 
 import jax
 
+from benchmarks.models import MODELS
 from train import distributed
 
 SUBNET = "10.213.0"
@@ -163,6 +167,23 @@ def cannot_run() -> str | None:
   return None
 
 
+def tcmalloc(choice: str) -> str | None:
+  """The tcmalloc library to preload for `--malloc` (auto: if installed), or None.
+
+  XLA:CPU allocates each step's large temporaries (the gradient, the dense update) with
+  malloc; glibc maps blocks that size fresh every call and the kernel zeroes and faults
+  in their pages, tcmalloc reuses them: the bag model's "none" step measured 86 -> 60 ms on
+  one core (`benchmarks.step_local`, docs/multihost.md). apt package: libtcmalloc-minimal4.
+  """
+  if choice == "glibc":
+    return None
+  found = ctypes.util.find_library("tcmalloc_minimal")
+  if found is None and choice == "tcmalloc":
+    raise SystemExit("--malloc tcmalloc: libtcmalloc_minimal is not installed "
+                     "(apt-get install libtcmalloc-minimal4), or pass --malloc glibc")
+  return found
+
+
 def run_processes(args, processes: int) -> list[dict]:
   """One run of `processes` workers over every rate; their result files."""
   net = Network(processes)
@@ -184,9 +205,11 @@ def run_processes(args, processes: int) -> list[dict]:
     worker = ["-m", "benchmarks.network_worker", "--dir", tmp, "--phases", args.rates,
               "--n", str(args.n), "--densities", args.densities, "--compressors",
               args.compressors, "--train-density", str(args.train_density),
-              "--reps", str(args.reps)]
+              "--reps", str(args.reps), "--model", args.model]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"JAX_PLATFORMS": "cpu", "PYTHONPATH": repo}
+    if args.preload:
+      env["LD_PRELOAD"] = args.preload
     prefix = net.prefix
     if args.pin:
       # Process i on core i mod cpus: each process computes on its own core, as it
@@ -283,11 +306,16 @@ def _args(argv=None):
   p.add_argument("--compressors", default="none,hggtopk,hggtopk+pipeline,topk,gaussian,randomk",
                  help='train-step compressors; "hggtopk+pipeline" is hggtopk(pipeline=True)')
   p.add_argument("--train-density", type=float, default=0.01)
+  p.add_argument("--model", choices=sorted(MODELS), default="mlp",
+                 help="train-step model: mlp (wide MLP) or bag (embedding table)")
   p.add_argument("--reps", type=int, default=3, help="timed calls per row (median)")
   p.add_argument("--timeout", type=float, default=3000.0,
                  help="seconds per process count before every worker is killed")
   p.add_argument("--no-pin", dest="pin", action="store_false",
                  help="do not pin process i to core i mod cpus (taskset)")
+  p.add_argument("--malloc", choices=("auto", "tcmalloc", "glibc"), default="auto",
+                 help="workers' allocator: tcmalloc (preloaded), glibc with huge pages, or "
+                      "auto: tcmalloc when installed")
   p.add_argument("--out", default="benchmarks/results/network_cpu.json")
   return p.parse_args(argv)
 
@@ -296,13 +324,14 @@ def main(argv=None) -> int:
   args = _args(argv)
   for rate in args.rates.split(","):
     rate_bits_per_s(rate)  # reject a bad rate before building anything
+  args.preload = tcmalloc(args.malloc)
   why = cannot_run()
   if why:
     print(f"benchmarks.network skipped: {why}")
     return 0
   # Ctrl-C or SIGTERM: unwind through the finally blocks that remove the namespaces.
   signal.signal(signal.SIGTERM, _interrupt)
-  report = {"pinned": args.pin,
+  report = {"pinned": args.pin, "malloc": args.preload or "glibc (huge pages)",
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "jax": jax.__version__, "load_avg_start": os.getloadavg()},
             "command": " ".join(["python", "-m", "benchmarks.network", *(argv or sys.argv[1:])]),

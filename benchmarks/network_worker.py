@@ -10,8 +10,9 @@ and every process measures, in this order:
 1. raw exchange of n float32 elements: the dense `pmean` vs hggjax's sparse exchange at
    each density: the packed all_gather alone, and `sparse_mean` (gather + densify);
    the densify alone is timed locally on the gathered payload;
-2. full train steps of a wide MLP (>= 20M parameters, cheap compute) for each
-   compressor, plus its compute alone (forward + backward, no exchange).
+2. full train steps of a 25M-parameter model with cheap compute (`--model`, see
+   `benchmarks/models.py`) for each compressor, plus its compute alone (forward +
+   backward, no exchange).
 
 Every timed call starts after a barrier (a scalar psum) and ends in
 `block_until_ready`; a row is the median of `--reps` calls after one warm-up call at
@@ -39,6 +40,7 @@ def _args(argv=None):
   p.add_argument("--compressors", default="none,hggtopk,topk,gaussian,randomk",
                  help='comma-separated names; "hggtopk+pipeline" is hggtopk(pipeline=True)')
   p.add_argument("--train-density", type=float, default=0.01)
+  p.add_argument("--model", default="mlp", help="a name in benchmarks.models.MODELS")
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--handshake-timeout", type=float, default=300.0)
   return p.parse_args(argv)
@@ -65,7 +67,7 @@ def _run(args, spec) -> dict:
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   import hggjax  # pylint: disable=import-outside-toplevel
-  from benchmarks import mlp  # pylint: disable=import-outside-toplevel
+  from benchmarks.models import MODELS  # pylint: disable=import-outside-toplevel
   from hggjax import exchange  # pylint: disable=import-outside-toplevel
   from hggjax.payload import Payload  # pylint: disable=import-outside-toplevel
 
@@ -123,13 +125,14 @@ def _run(args, spec) -> dict:
                  (jnp.asarray(gathered_v), jnp.asarray(gathered_i)))
 
   # --- 2. train steps ------------------------------------------------------------------
-  params = mlp.init_params()
+  model = MODELS[args.model]
+  params = model.init_params()
   num_params = sum(v.size for v in params.values())
   replicated = NamedSharding(mesh, P())
   params = {k: jax.make_array_from_callback(v.shape, replicated, lambda i, v=v: v[i])
             for k, v in params.items()}
-  images, labels = (local_rows(a) for a in mlp.batch(rng))
-  loss_fn = mlp.loss_fn
+  images, labels = (local_rows(a) for a in model.batch(rng))
+  loss_fn = model.loss_fn
 
   compute_fn = jax.jit(smap(
       lambda p, x, y: jax.grad(loss_fn)(jax.lax.pcast(p, "data", to="varying"), x, y),
@@ -195,8 +198,8 @@ def _run(args, spec) -> dict:
     phases.append(row)
     print(f"process {spec.process_id}: phase {phase} done", flush=True)
   return {"process_id": spec.process_id, "processes": nproc, "compile_s": compile_s,
-          "num_params": int(num_params), "per_process_batch": mlp.PER_PROCESS_BATCH,
-          "layers": mlp.LAYERS, "train_density": args.train_density, "reps": args.reps,
+          "num_params": int(num_params), "per_process_batch": model.PER_PROCESS_BATCH,
+          "model": model.DESCRIPTION, "train_density": args.train_density, "reps": args.reps,
           "phases": phases}
 
 

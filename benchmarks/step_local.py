@@ -1,16 +1,18 @@
 """Where a compressed train step's time goes on one CPU core, with no network.
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 taskset -c 1 python -m benchmarks.step_local
+    LD_PRELOAD=libtcmalloc_minimal.so.4 taskset -c 1 python -m benchmarks.step_local --model bag
 
-One process, one device: the network benchmark's 25.2M-parameter MLP (`benchmarks.mlp`)
-under the same jit(shard_map) step, for each compressor at density 0.01 followed by
+One process, one device: one of the network benchmark's 25.2M-parameter models
+(`--model`, `benchmarks/models.py`; the MLP by default) under the same jit(shard_map) step, for each compressor at density 0.01 followed by
 ``optax.sgd``. Per compressor it times the whole step with the params and optimizer
 state donated (as the harness does) and without, and the compressor's update alone on
 fixed gradients (state fed forward, so history-based selectors run warm); plus forward
 + backward alone. The pieces alternate within each round, so load drifts hit all of them
 alike; a row is the median of `--reps` rounds after a warm-up call, each call ending in
-`block_until_ready`. Run it pinned to one core with huge pages (the command above) to
-see what one process of `benchmarks.network` computes per step.
+`block_until_ready`. Run it pinned to one core with the allocator `benchmarks.network`
+gives its workers (tcmalloc when installed, else huge pages; commands above) to see what
+one of its processes computes per step.
 """
 
 import argparse
@@ -26,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import hggjax
-from benchmarks import mlp
+from benchmarks.models import MODELS
 from train import profile
 
 AXIS = "data"
@@ -37,6 +39,7 @@ def _args(argv=None):
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--compressors", default="none,randomk,randomkec,topk,hggtopk,hggtopk+pipeline",
                  help='comma-separated names; "hggtopk+pipeline" is hggtopk(pipeline=True)')
+  p.add_argument("--model", choices=sorted(MODELS), default="mlp")
   p.add_argument("--density", type=float, default=0.01)
   p.add_argument("--reps", type=int, default=9, help="timed rounds (median)")
   p.add_argument("--out", default="benchmarks/results/step_local_cpu.json")
@@ -45,17 +48,18 @@ def _args(argv=None):
 
 def main(argv=None) -> None:
   args = _args(argv)
+  model = MODELS[args.model]
   mesh = jax.make_mesh((1,), (AXIS,), devices=jax.devices()[:1])
   smap = functools.partial(jax.shard_map, mesh=mesh)
   rows = NamedSharding(mesh, P(AXIS))
-  host_params = mlp.init_params()
-  images, labels = jax.device_put(mlp.batch(np.random.default_rng(0)), rows)
+  host_params = model.init_params()
+  images, labels = jax.device_put(model.batch(np.random.default_rng(0)), rows)
 
   def fresh_params():
     return jax.device_put(host_params, NamedSharding(mesh, P()))
 
   def local_grads(p, x, y):
-    return jax.grad(mlp.loss_fn)(jax.lax.pcast(p, AXIS, to="varying"), x, y)
+    return jax.grad(model.loss_fn)(jax.lax.pcast(p, AXIS, to="varying"), x, y)
 
   compute = jax.jit(smap(local_grads, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS)))
   grads = compute(fresh_params(), images, labels)  # one device: its block is the whole array
@@ -94,8 +98,10 @@ def main(argv=None) -> None:
   report = {"command": "python -m benchmarks.step_local " + " ".join(argv or []),
             "affinity": sorted(os.sched_getaffinity(0)),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "ld_preload": os.environ.get("LD_PRELOAD"),
             "machine": {"platform": platform.platform(), "jax": jax.__version__,
                         "load_avg": os.getloadavg()},
+            "model": model.DESCRIPTION,
             "num_params": int(sum(v.size for v in host_params.values())),
             "density": args.density, "reps": args.reps, "median_ms": ms}
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
