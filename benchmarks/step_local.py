@@ -4,15 +4,16 @@
     LD_PRELOAD=libtcmalloc_minimal.so.4 taskset -c 1 python -m benchmarks.step_local --model bag
 
 One process, one device: one of the network benchmark's 25.2M-parameter models
-(`--model`, `benchmarks/models.py`; the MLP by default) under the same jit(shard_map) step, for each compressor at density 0.01 followed by
-``optax.sgd``. Per compressor it times the whole step with the params and optimizer
-state donated (as the harness does) and without, and the compressor's update alone on
-fixed gradients (state fed forward, so history-based selectors run warm); plus forward
-+ backward alone. The pieces alternate within each round, so load drifts hit all of them
-alike; a row is the median of `--reps` rounds after a warm-up call, each call ending in
-`block_until_ready`. Run it pinned to one core with the allocator `benchmarks.network`
-gives its workers (tcmalloc when installed, else huge pages; commands above) to see what
-one of its processes computes per step.
+(`--model`, `benchmarks/models.py`; the MLP by default) under the same jit(shard_map)
+step, for each compressor at density 0.01 followed by ``optax.sgd``. Per compressor it
+times the whole step with the params and optimizer state donated (as the harness does)
+and without, and the compressor's update alone on fixed gradients (state fed forward, so
+history-based selectors run warm); plus forward + backward alone. The pieces alternate
+within each round, so load drifts hit all of them alike; a row is the median of `--reps`
+rounds after a warm-up call, each call ending in `block_until_ready`. Run it pinned to
+one core with the allocator `benchmarks.network` gives its workers (tcmalloc when
+installed, else huge pages; commands above) to see what one of its processes computes
+per step.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import functools
 import json
 import os
 import platform
+import sys
 
 import jax
 import numpy as np
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
   for key, value in ms.items():
     ratio = f"{value / base:.2f}" if base and key.endswith("step") else ""
     print(f"{key:<36} {value:>8.1f} {ratio:>12}")
-  report = {"command": "python -m benchmarks.step_local " + " ".join(argv or []),
+  report = {"command": " ".join(["python -m benchmarks.step_local", *(argv or sys.argv[1:])]),
             "affinity": sorted(os.sched_getaffinity(0)),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "ld_preload": os.environ.get("LD_PRELOAD"),

@@ -181,7 +181,7 @@ def hgg_topk(
     def low_cut():
       return radix.low_cut(x, k, s)[0]
 
-    # The pass is outside any cond, so XLA may fuse it with the code before it.
+    # One pass either way: at prev when the sample leaves a hit possible, else at the low cut.
     first = jax.lax.cond(plausible, lambda: prev_threshold, low_cut)
     words = radix.pack(jnp.abs(x) >= first)
     count = jnp.sum(radix.popcounts(words))
