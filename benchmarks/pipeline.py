@@ -167,38 +167,50 @@ def _format(r) -> str:
 
 
 def parts(n: int, density: float, reps: int) -> dict:
-  """Median wall ms of the pieces of one pipelined selection at n, interleaved round by round."""
+  """Median wall ms of the pieces of one pipelined selection at n, interleaved round by round.
+
+  The pipelined call starts from the carry its own cold step left on the same
+  vector; the path that call took is recorded (`pipelined_path`).
+  """
   k = max(1, round(density * n))
   x = jax.random.t(jax.random.PRNGKey(0), 3.0, (n,), jnp.float32)
   kth = jnp.sort(jnp.abs(x))[-k]
   p = hgg.plan(n, k, 0.01)
   edges = kth * jnp.exp(-jnp.asarray(p["offsets"], jnp.float32) / 3.0)
-  edges16 = kth * jnp.exp(-jnp.linspace(0.1, -0.1, 16, dtype=jnp.float32))
-  words = jax.jit(lambda x: radix.pack_many(jnp.abs(x), edges))(x)
+  low = edges[0]
+  pos = jax.jit(lambda x: radix.compact(radix.pack(jnp.abs(x) >= low), n, p["cap"])[0])(x)
+  values = jnp.where(pos < n, jnp.abs(x.at[pos].get(mode="fill", fill_value=0.0)), -1.0)
   piped, plain = hgg.hgg_topk_pipelined(), hgg.hgg_topk()
-  carry = hgg.PipelineCarry(kth, jnp.float32(3.0), jnp.int32(0))
+  run_piped = jax.jit(lambda x, carry: piped.select(x, k, carry))
+  carry = run_piped(x, jax.tree.map(lambda v: v[0], piped.init(1)))[1]
+  path = int(run_piped(x, carry)[1].path)
+
+  def send_above(values, pos):
+    chosen = values >= edges[8]
+    slot = jnp.where(chosen, radix.cumsum(chosen.astype(jnp.int32), 1) - 1, k)
+    return jnp.full(k, n, jnp.int32).at[slot].set(pos, mode="drop")
+
   pieces = {
-      "floor: abs(x).max()": (jax.jit(lambda x: jnp.max(jnp.abs(x))), x),
-      "radix.pack (1 mask)": (jax.jit(lambda x: radix.pack(jnp.abs(x) >= kth)), x),
-      "radix.pack_many (8 edges)": (jax.jit(lambda x: radix.pack_many(jnp.abs(x), edges)), x),
-      "radix.pack_many (16 edges)": (jax.jit(lambda x: radix.pack_many(jnp.abs(x), edges16)), x),
-      "radix.column_counts (8)": (jax.jit(radix.column_counts), words),
-      "popcount + sum (8)": (jax.jit(lambda w: jnp.sum(radix.popcounts(w), axis=0)), words),
-      "take column + compact(k)": (jax.jit(lambda w: radix.compact(jnp.take(w, 3, axis=1), n, k)[0]), words),
-      "sample (rate r)": (jax.jit(lambda x: jnp.abs(radix.sample(x, p["rate"]))), x),
-      "pipelined select (path 0)": (jax.jit(lambda x: piped.select(x, k, carry)), x),
-      "hggtopk select (history hit)": (jax.jit(lambda x: plain(x, k, kth, None)), x),
+      "floor: abs(x).max()": (jax.jit(lambda x: jnp.max(jnp.abs(x))), (x,)),
+      "sample (rate r)": (jax.jit(lambda x: jnp.abs(radix.sample(x, p["rate"]))), (x,)),
+      "radix.pack (the low edge's mask)": (jax.jit(lambda x: radix.pack(jnp.abs(x) >= low)), (x,)),
+      "pack + compact(cap)": (jax.jit(lambda x: radix.compact(radix.pack(jnp.abs(x) >= low), n, p["cap"])[0]), (x,)),
+      "gather the candidates' |x|": (jax.jit(lambda x, pos: jnp.abs(x.at[pos].get(mode="fill", fill_value=0.0))), (x, pos)),
+      f"radix.count_many ({hgg.EDGES} edges, candidates)": (jax.jit(radix.count_many), (values, edges)),
+      "send the candidates >= an edge": (jax.jit(send_above), (values, pos)),
+      "pipelined select": (run_piped, (x, carry)),
+      "hggtopk select (history hit)": (jax.jit(lambda x: plain(x, k, kth, None)), (x,)),
   }
-  for fn, arg in pieces.values():
-    jax.block_until_ready(fn(arg))
+  for fn, args in pieces.values():
+    jax.block_until_ready(fn(*args))
   times = {name: [] for name in pieces}
   for _ in range(reps):
-    for name, (fn, arg) in pieces.items():
+    for name, (fn, args) in pieces.items():
       start = time.perf_counter()
-      jax.block_until_ready(fn(arg))
+      jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
   out = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-  out.update(n=n, k=k, rate=p["rate"], reps=reps)
+  out.update(n=n, k=k, rate=p["rate"], cap=p["cap"], reps=reps, pipelined_path=path)
   return out
 
 

@@ -34,8 +34,9 @@ def largest_above(
     threshold: float32[], the cut. Zeros never pass: they carry nothing.
     k: how many positions to return (the payload's capacity).
     candidates: how many passing positions are considered (>= k). When more pass,
-      the first `candidates` in index order are kept, so a threshold that lets far
-      too many through costs recall; selectors aim their thresholds close to k.
+      the first `candidates` are kept (index order below `min_fast_n`, else
+      `radix.compact`'s block order), so a threshold that lets far too many
+      through costs recall; selectors aim their thresholds close to k.
     min_fast_n: from this many elements on, the packed path below; shorter
       vectors use ``jnp.nonzero`` + ``lax.top_k`` (default `radix.MIN_FAST_N`).
 

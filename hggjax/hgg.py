@@ -243,27 +243,29 @@ def hgg_topk(
 #      1/r sample of cache-line blocks: counts at 8 probe thresholds
 #      t * exp(-o / s), o in ln(count) units, two rounds (coarse, then fine),
 #      interpolated in log-log to where the sample count is k * m / n.
-#   2. One pass over |acc| counts the elements above EDGES = 8 thresholds
-#      around that estimate at once (`radix.pack_many`): six inner edges one
-#      tolerance apart in count, two outer edges at about 3 sigma of the sample's
-#      error. These counts are this step's histogram and the next step's slope.
-#   3. Path 0 (one pass): an edge passes between k - tol and k elements: its
-#      packed mask is compacted into the k slots as it is (no trim).
-#      Path 1 (one pass + trim): k lies between two edges and the lower one
-#      passes at most `cap` elements: those are compacted and the k largest kept
-#      (`radix.take_largest`), exactly k.
-#      Path 2 (bounded second pass): k is outside the edges (or a cold start):
-#      a second pass packs |acc| >= a low cut from a larger sample (`radix.
-#      low_cut`: between k and K pass, 5 sigma), and the k largest of those are
-#      kept, exactly the top k. Path 3 flags the rare step where that sample
-#      missed: the k largest of the first K candidates (index order), or all of
-#      them when fewer than k passed.
+#   2. One pass over |acc| packs the mask |acc| >= a low edge set 3 sigma of the
+#      estimate's error (plus one tolerance) below it, so that between k and `cap`
+#      elements pass w.h.p.; they are compacted out with their values (the
+#      candidates, ~1.1k). This step's histogram is counted on them: EDGES
+#      thresholds spanning the estimate's +-3 sigma, then EDGES more between the
+#      two that bracket k. Above the low edge these counts are exact counts over
+#      all of |acc|; the outer ones give the next step's slope.
+#   3. Path 0 (one pass): an edge passes between k - tol and k elements: the
+#      candidates >= it are sent (no trim).
+#      Path 1 (one pass + trim): no edge lands there (ties at the k-th value, or
+#      tol = 0): the k largest candidates are kept (`radix.take_largest`), exactly k.
+#      Path 2 (bounded second pass): fewer than k or more than `cap` passed the low
+#      edge (or a cold start): a second pass packs |acc| >= a low cut from a larger
+#      sample (`radix.low_cut`: between k and K pass, 5 sigma), and the k largest
+#      of those are kept, exactly the top k. Path 3 flags the rare step where that
+#      sample missed: the k largest of the first K candidates (`radix.compact`'s
+#      order), or all of them when fewer than k passed.
 #      One ``lax.switch`` picks the path; only the taken branch runs under jit.
 #   4. The next carry: the k-th largest estimate (the cut sent on paths 1-2,
-#      the log-log crossing of k between the edges on path 0) and the slope from
-#      the outer edges' counts (geometric mean with the old one).
+#      the log-log crossing of k between the fine edges on path 0) and the slope
+#      from the outer edges' counts (geometric mean with the old one).
 
-EDGES = 8   # thresholds per pass: 8 uint32 lanes = one AVX2 vector (measured, docs/pipeline.md)
+EDGES = 16  # thresholds per counting round on the candidates (two rounds)
 # Probe offsets in ln(count) for the sample rounds, ascending threshold. The coarse
 # round covers a count off by up to e^2 = 7.4x (the default training run's fc1 missed
 # last step's threshold by 33% in count at the median, ~3x at the 99th percentile);
@@ -304,26 +306,21 @@ def sample_rate(k: int) -> int:
 def plan(n: int, k: int, tolerance: float) -> dict:
   """Static layout of one pipelined selection (Python numbers, fixed at trace time).
 
-  tol: accepted shortfall (path 0 sends k - tol to k elements); f: inner edge
-  spacing in ln(count) (one tolerance, at least one element); sigma: expected
-  ln(count) error of the sample estimate; outer: ln(count) offset of the outer
-  edges; cap: most candidates path 1 compacts and trims.
+  tol: accepted shortfall (path 0 sends k - tol to k elements); f: one tolerance
+  in ln(count) (at least one element); sigma: expected ln(count) error of the
+  sample estimate; low: ln(count) offset of the packed low edge above the
+  estimate's count; cap: most candidates it may pass (k * e^(low + 3 sigma));
+  offsets: the first counting round's EDGES offsets, from `low` down to `-low`.
   """
   tol = math.floor(tolerance * k)
   f = max(tol, 1) / k
   rate = sample_rate(k)
   m = radix.sample_size(n, rate)
   sigma = math.sqrt(1.0 / max(k * m / n, 1.0) + SIGMA_FLOOR**2)
-  outer = 3.0 * sigma + 3.0 * f
-  cap = min(n, -(-(math.ceil(k * math.exp(outer) * 1.02) + 32) // 32) * 32)
-  offsets = (outer, 2 * f, f, 0.0, -f, -2 * f, -3 * f, -outer)  # ascending thresholds
-  return dict(tol=tol, f=f, rate=rate, m=m, sigma=sigma, outer=outer, cap=cap, offsets=offsets)
-
-
-def _count_many(a: jax.Array, edges: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(words uint32[W, J], counts int32[J]): packed masks a >= edges[j] and their sizes."""
-  words = radix.pack_many(a, edges)
-  return words, radix.column_counts(words)
+  low = 3.0 * sigma + f
+  cap = min(n, -(-(math.ceil(k * math.exp(low + 3.0 * sigma) * 1.02) + 32) // 32) * 32)
+  offsets = tuple(low * (1.0 - 2.0 * i / (EDGES - 1)) for i in range(EDGES))
+  return dict(tol=tol, f=f, rate=rate, m=m, sigma=sigma, low=low, cap=cap, offsets=offsets)
 
 
 def crossing(edges: jax.Array, counts: jax.Array, target, slope: jax.Array) -> jax.Array:
@@ -359,7 +356,7 @@ def _measured_slope(edges: jax.Array, counts: jax.Array, old: jax.Array) -> jax.
 def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = radix.MIN_FAST_N) -> PipelinedSelector:
   """The pipelined HGG-TopK selector (steps above); `tolerance` as in `hggjax.hggtopk`.
 
-  `tolerance` sets the inner edge spacing and the accepted shortfall.
+  `tolerance` sets the accepted shortfall of path 0.
   """
 
   def init(num_groups: int) -> PipelineCarry:
@@ -370,7 +367,8 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = radix.MIN_FAST
   def select(x: jax.Array, k: int, carry: PipelineCarry) -> tuple[Selection, PipelineCarry]:
     n = x.shape[0]
     p = plan(n, k, tolerance)
-    fast = n >= min_fast_n and k <= n // 4 and p["cap"] < n // 2
+    cap = p["cap"]
+    fast = n >= min_fast_n and k <= n // 4 and cap < n // 2
     x = x.astype(jnp.float32)
     # |x| is formed inside each consumer: one shared jnp.abs(x) made XLA write it
     # out in full before the cond (an extra pass over n, measured).
@@ -393,66 +391,70 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = radix.MIN_FAST
       if not fast:
         exact = with_cut(jax.lax.top_k(jnp.abs(x), k)[1].astype(jnp.int32))
         return (*exact, *_varying_like((jnp.int32(k), jnp.bool_(False)), x))
-      low, cap = radix.low_cut(x, k)
-      pos, keys, count = radix.candidates(x, low, cap)
+      low, cap2 = radix.low_cut(x, k)
+      pos, keys, count = radix.candidates(x, low, cap2)
       idx, cut = with_cut(radix.take_largest(keys, pos, k, jnp.int32(0), n))
-      return idx, cut, count, (count < k) | (count > cap)
+      return idx, cut, count, (count < k) | (count > cap2)
 
-    def warm():
-      # Step 1: correct the carried threshold on the sample (two probe rounds).
+    def estimate():
+      """Step 1: the carried threshold corrected on the sample (two probe rounds)."""
       s = jnp.abs(radix.sample(x, p["rate"]) if fast else x)
       m = s.shape[0]
       target = k * m / n
       probes = carry.center * jnp.exp(-jnp.asarray(COARSE, jnp.float32) / slope)
-      counts = _count_many(s, probes)[1]
+      counts = radix.count_many(s, probes)
       est = crossing(probes, counts, target, slope)
       probes = est * jnp.exp(-jnp.asarray(FINE, jnp.float32) / slope)
-      est = crossing(probes, _count_many(s, probes)[1], target, slope)
+      est = crossing(probes, radix.count_many(s, probes), target, slope)
       # The carried threshold stays when the sample cannot tell it from the truth
       # (its count within 2 binomial sd of target): on a slowly changing gradient
       # it is far more precise than the sample.
       noise = math.sqrt(target * (1.0 - m / n))
       at_center = counts[COARSE.index(0.0)].astype(jnp.float32)
-      est = jnp.where(jnp.abs(at_center - target) <= 2.0 * noise + 0.5, carry.center, est)
-      # Step 2: one pass, EDGES counts around the estimate.
-      edges = est * jnp.exp(-jnp.asarray(p["offsets"], jnp.float32) / slope)
-      words, counts = _count_many(jnp.abs(x), edges)
+      return jnp.where(jnp.abs(at_center - target) <= 2.0 * noise + 0.5, carry.center, est)
+
+    def warm():
+      # Step 2: one pass packs everything >= the low edge; the candidates' counts
+      # at EDGES thresholds, then EDGES more between the two around k.
+      edges = estimate() * jnp.exp(-jnp.asarray(p["offsets"], jnp.float32) / slope)
+      mask = jnp.abs(x) >= edges[0]
+      if fast:
+        pos, count = radix.compact(radix.pack(mask), n, cap)
+      else:
+        pos, count = compaction.first_true(mask, cap), jnp.sum(mask, dtype=jnp.int32)
+      values = jnp.where(pos < n, jnp.abs(x.at[pos].get(mode="fill", fill_value=0.0)), -1.0)
+      counts = radix.count_many(values, edges)
+      i = jnp.sum(counts >= k, dtype=jnp.int32) - 1  # highest edge passing >= k
+      below = edges[jnp.clip(i, 0, EDGES - 1)]
+      above = jnp.where(i + 1 < EDGES, edges[jnp.clip(i + 1, 0, EDGES - 1)], jnp.max(values))
+      fine = below * (above / below) ** jnp.linspace(0.0, 1.0, EDGES, dtype=jnp.float32)
+      fine_counts = radix.count_many(values, fine)
       # Step 3: the path.
-      within = (counts >= k - p["tol"]) & (counts <= k)
-      j0 = jnp.argmax(jnp.where(within, counts, -1)).astype(jnp.int32)
-      j1 = jnp.sum(counts >= k, dtype=jnp.int32) - 1  # highest edge passing >= k
-      trim_ok = (j1 >= 0) & (counts[jnp.maximum(j1, 0)] <= p["cap"])
-      path = jnp.where(jnp.any(within), 0, jnp.where(trim_ok, 1, 2)).astype(jnp.int32)
-      j = jnp.where(path == 0, j0, jnp.maximum(j1, 0))
+      cuts = jnp.concatenate([edges, fine])
+      passing = jnp.concatenate([counts, fine_counts])
+      within = (passing >= k - p["tol"]) & (passing <= k)
+      j = jnp.argmax(jnp.where(within, passing, -1)).astype(jnp.int32)
+      enough = (count >= k) & (count <= cap)
+      path = jnp.where(enough, jnp.where(jnp.any(within), 0, 1), 2).astype(jnp.int32)
+      not_missed = _varying_like(jnp.bool_(False), x)
 
       def one_pass():
-        # Everything >= edges[j] (k - tol to k elements, none of them 0) is sent:
-        # edges[j] is the cut, and no value needs to be read back.
-        if fast:
-          idx = radix.compact(jnp.take(words, j, axis=1), n, k)[0]
-        else:
-          idx = compaction.first_true(jnp.abs(x) >= edges[j], k)
-        return idx, edges[j]
+        # Every candidate >= cuts[j] (k - tol to k of them) is sent; cuts[j] is the cut.
+        chosen = values >= cuts[j]
+        slot = jnp.where(chosen, radix.cumsum(chosen.astype(jnp.int32), 1) - 1, k)
+        idx = jnp.full(k, n, jnp.int32).at[slot].set(pos, mode="drop")
+        return idx, cuts[j], passing[j], not_missed
 
       def trim():
-        if not fast:
-          return with_cut(jax.lax.top_k(jnp.abs(x), k)[1].astype(jnp.int32))
-        pos, _ = radix.compact(jnp.take(words, j, axis=1), n, p["cap"])
-        keys = jnp.where(pos < n, radix.magnitude_keys(x.at[pos].get(mode="fill", fill_value=0)), -1)
-        return with_cut(radix.take_largest(keys, pos, k, jnp.int32(0), n))
+        keys = jnp.where(values >= 0, radix.float_to_key(values), -1)
+        return (*with_cut(radix.take_largest(keys, pos, k, jnp.int32(0), n)), count, not_missed)
 
-      def one_pass_counted():
-        return (*one_pass(), counts[j], _varying_like(jnp.bool_(False), x))
-
-      def trim_counted():
-        return (*trim(), counts[j], _varying_like(jnp.bool_(False), x))
-
-      idx, cut, passed, missed = jax.lax.switch(path, (one_pass_counted, trim_counted, second_pass))
+      idx, cut, passed, missed = jax.lax.switch(path, (one_pass, trim, second_pass))
       path = jnp.where(missed, 3, path).astype(jnp.int32)
       # Step 4: the next carry. Paths 1-2 sent the largest (k of them on path 1),
       # so their cut is the k-th largest or next to it; path 0 interpolates it
-      # between the edges.
-      center = jnp.where(path == 0, crossing(edges, counts, k, slope), cut)
+      # between the fine edges.
+      center = jnp.where(path == 0, crossing(fine, fine_counts, k, slope), cut)
       return idx, cut, passed, path, center, _measured_slope(edges, counts, slope)
 
     def cold():

@@ -20,6 +20,18 @@ def test_cumsum_is_exact(length):
     np.testing.assert_array_equal(got, np.cumsum(v.astype(np.int64)))
 
 
+@pytest.mark.parametrize("length", [1, 255, 256, 257, 1024, 5000, 70_001])
+def test_pack_layout_and_element_of(length):
+  """Bit b of word [g, l] is element 256 g + 8 b + l; blocks padded with zeros to a multiple of 4."""
+  mask = np.random.default_rng(length).random(length) < 0.3
+  words = np.asarray(jax.jit(radix.pack)(mask))
+  assert words.shape == (-(-length // 1024) * 4, radix.LANES)
+  flat = words.reshape(-1)
+  w, b = np.nonzero((flat[:, None] >> np.arange(32, dtype=np.uint32)) & 1)
+  got = np.asarray(radix.element_of(jnp.asarray(w), jnp.asarray(b)))
+  np.testing.assert_array_equal(np.sort(got), np.flatnonzero(mask))
+
+
 @pytest.mark.parametrize("share", [0.0, 0.02, 0.5, 1.0])
 def test_compact_returns_every_set_position(share):
   length, capacity = 5000, 5000  # not a multiple of 32
