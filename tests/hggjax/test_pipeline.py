@@ -218,3 +218,23 @@ def test_shard_map_equals_mean_of_local_decompressions_one_gather_per_leaf():
       expected = sum(np.asarray(o[leaf], np.float32) for o in outs) / NUM_DEVICES
       np.testing.assert_allclose(np.asarray(out[leaf]), expected, rtol=1e-6, atol=1e-7, err_msg=leaf)
     state = new_state
+
+
+def test_short_vectors_select_from_candidates_without_packing():
+  """Below radix.MIN_FAST_N the candidates come from ``jnp.nonzero``; same guarantees."""
+  n, k = 20_000, 200
+  tol = int(0.01 * k)
+  rng = np.random.default_rng(5)
+  x = ((n / np.arange(1, n + 1)) ** (1 / 3.0) * rng.choice([-1.0, 1.0], n))[rng.permutation(n)]
+  x = x.astype(np.float32)
+  a = np.abs(x)
+  kth = np.sort(a)[-k]
+  piped = hgg.hgg_topk_pipelined()
+  select = jax.jit(lambda x, carry: piped.select(x, k, carry))
+  for center in (kth, kth * 1.05, kth * 0.95):
+    sel, carry = select(jnp.asarray(x), _carry(center, 3.0))
+    idx = np.asarray(sel.indices)
+    sent = idx[idx < n]
+    assert int(carry.path) == 0, center
+    np.testing.assert_array_equal(np.sort(sent), np.flatnonzero(a >= float(sel.threshold)))
+    assert k - tol <= sent.size <= k and int(sel.passed) == sent.size
