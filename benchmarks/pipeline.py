@@ -186,9 +186,7 @@ def parts(n: int, density: float, reps: int) -> dict:
   path = int(run_piped(x, carry)[1].path)
 
   def send_above(values, pos):
-    chosen = values >= edges[8]
-    slot = jnp.where(chosen, radix.cumsum(chosen.astype(jnp.int32), 1) - 1, k)
-    return jnp.full(k, n, jnp.int32).at[slot].set(pos, mode="drop")
+    return radix.place(values >= edges[8], pos, k, n)
 
   pieces = {
       "floor: abs(x).max()": (jax.jit(lambda x: jnp.max(jnp.abs(x))), (x,)),

@@ -440,10 +440,7 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = radix.MIN_FAST
 
       def one_pass():
         # Every candidate >= cuts[j] (k - tol to k of them) is sent; cuts[j] is the cut.
-        chosen = values >= cuts[j]
-        slot = jnp.where(chosen, radix.cumsum(chosen.astype(jnp.int32), 1) - 1, k)
-        idx = jnp.full(k, n, jnp.int32).at[slot].set(pos, mode="drop")
-        return idx, cuts[j], passing[j], not_missed
+        return radix.place(values >= cuts[j], pos, k, n), cuts[j], passing[j], not_missed
 
       def trim():
         keys = jnp.where(values >= 0, radix.float_to_key(values), -1)

@@ -255,6 +255,15 @@ def kth_largest(keys: jax.Array, k: int | jax.Array) -> jax.Array:
   return jnp.where(b1 >= 0, (b1 << 16) | b2, -1).astype(jnp.int32)
 
 
+def place(chosen: jax.Array, positions: jax.Array, size: int, fill: int) -> jax.Array:
+  """int32[size]: the `positions` whose `chosen` is set, in slot order, padded with `fill`.
+
+  A prefix sum and one scatter over the slots; chosen entries beyond `size` are dropped.
+  """
+  slot = jnp.where(chosen, cumsum(chosen.astype(jnp.int32), 1) - 1, size)
+  return jnp.full(size, fill, jnp.int32).at[slot].set(positions, mode="drop")
+
+
 # Up to this many candidates, `take_largest` ranks them with lax.top_k on their
 # float values (cheaper than two 2**15-2**16-bin radix rounds; measured).
 SMALL_CANDIDATES = 8192
@@ -284,8 +293,7 @@ def take_largest(
     room = take - jnp.sum(above, dtype=jnp.int32)  # slots left for ties at the cut
     equal = (keys == cut) & (keys >= 0)
     chosen = above | (equal & (cumsum(equal.astype(jnp.int32), 1) <= room))
-    slot = jnp.where(chosen, cumsum(chosen.astype(jnp.int32), 1) - 1, take)
-    out = jnp.full(take, fill, jnp.int32).at[slot].set(positions, mode="drop")
+    out = place(chosen, positions, take, fill)
   if take < k:
     out = jnp.concatenate([out, jnp.full(k - take, fill, jnp.int32)])
   return out.astype(jnp.int32)
