@@ -8,7 +8,8 @@
 
 Selection (the part the speed target is about): both selectors run on the same
 sequence of vectors, each carrying its own state from step to step as the
-transform does (hggtopk: last step's threshold; pipelined: `hgg.PipelineCarry`).
+transform does (hggtopk: `selectors.History`, last step's threshold; pipelined:
+`selectors.PipelineCarry`).
 Two sequences:
 
   ef     error feedback: acc_t = g_t + r_{t-1}, g_t = c_t * s * z_t with a fixed
@@ -47,7 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hggjax import hgg, radix
+from hggjax import selectors
+from hggjax.kernels import bits, sampling
+from hggjax.kernels import topk as topk_kernels
+from hggjax.selectors import hgg_pipelined
 
 SEQUENCES = ("ef", "drift")
 
@@ -71,7 +75,7 @@ def _timed(f, reps: int):
 def sequence(kind: str, n: int, k: int, steps: int, key, scale_noise: float):
   """Yields (acc_t, exact top-k positions of acc_t) as device arrays."""
   k_scale, k_run = jax.random.split(key)
-  exact = jax.jit(lambda x: radix.top_k(x, k))
+  exact = jax.jit(lambda x: topk_kernels.top_k(x, k))
   if kind == "drift":
     x = jax.random.t(k_scale, 3.0, (n,), jnp.float32)
     sd = jnp.std(x)
@@ -111,10 +115,10 @@ def selection_rows(sizes, density, steps, reps, sequences, scale_noise, toleranc
   rows = []
   for n in sizes:
     k = max(1, round(density * n))
-    plain = hgg.hgg_topk(tolerance=tolerance)
-    piped = hgg.hgg_topk_pipelined(tolerance=tolerance)
-    run_plain = jax.jit(lambda x, prev: plain(x, k, prev, None))
-    run_piped = jax.jit(lambda x, carry: piped.select(x, k, carry))
+    plain = selectors.hgg_topk(tolerance=tolerance)
+    piped = selectors.hgg_topk_pipelined(tolerance=tolerance)
+    run_plain = jax.jit(lambda x, prev: plain.select(x, k, selectors.History(prev), None)[0])
+    run_piped = jax.jit(lambda x, carry: piped.select(x, k, carry, None))
     for kind in sequences:
       prev = jnp.float32(0)
       carry = jax.tree.map(lambda v: v[0], piped.init(1))
@@ -175,29 +179,29 @@ def parts(n: int, density: float, reps: int) -> dict:
   k = max(1, round(density * n))
   x = jax.random.t(jax.random.PRNGKey(0), 3.0, (n,), jnp.float32)
   kth = jnp.sort(jnp.abs(x))[-k]
-  p = hgg.plan(n, k, 0.01)
-  edges = kth * jnp.exp(-jnp.asarray(p["offsets"], jnp.float32) / 3.0)
+  p = hgg_pipelined.plan(n, k, 0.01)
+  edges = kth * jnp.exp(-jnp.asarray(p.offsets, jnp.float32) / 3.0)
   low = edges[0]
-  pos = jax.jit(lambda x: radix.compact(radix.pack(jnp.abs(x) >= low), n, p["cap"])[0])(x)
+  pos = jax.jit(lambda x: topk_kernels.compact(bits.pack(jnp.abs(x) >= low), n, p.cap)[0])(x)
   values = jnp.where(pos < n, jnp.abs(x.at[pos].get(mode="fill", fill_value=0.0)), -1.0)
-  piped, plain = hgg.hgg_topk_pipelined(), hgg.hgg_topk()
-  run_piped = jax.jit(lambda x, carry: piped.select(x, k, carry))
+  piped, plain = selectors.hgg_topk_pipelined(), selectors.hgg_topk()
+  run_piped = jax.jit(lambda x, carry: piped.select(x, k, carry, None))
   carry = run_piped(x, jax.tree.map(lambda v: v[0], piped.init(1)))[1]
   path = int(run_piped(x, carry)[1].path)
 
   def send_above(values, pos):
-    return radix.place(values >= edges[8], pos, k, n)
+    return topk_kernels.place(values >= edges[8], pos, k, n)
 
   pieces = {
       "floor: abs(x).max()": (jax.jit(lambda x: jnp.max(jnp.abs(x))), (x,)),
-      "sample (rate r)": (jax.jit(lambda x: jnp.abs(radix.sample(x, p["rate"]))), (x,)),
-      "radix.pack (the low edge's mask)": (jax.jit(lambda x: radix.pack(jnp.abs(x) >= low)), (x,)),
-      "pack + compact(cap)": (jax.jit(lambda x: radix.compact(radix.pack(jnp.abs(x) >= low), n, p["cap"])[0]), (x,)),
+      "sample (rate r)": (jax.jit(lambda x: jnp.abs(sampling.blocked_sample(x, p.rate))), (x,)),
+      "bits.pack (the low edge's mask)": (jax.jit(lambda x: bits.pack(jnp.abs(x) >= low)), (x,)),
+      "pack + compact(cap)": (jax.jit(lambda x: topk_kernels.compact(bits.pack(jnp.abs(x) >= low), n, p.cap)[0]), (x,)),
       "gather the candidates' |x|": (jax.jit(lambda x, pos: jnp.abs(x.at[pos].get(mode="fill", fill_value=0.0))), (x, pos)),
-      f"radix.count_many ({hgg.EDGES} edges, candidates)": (jax.jit(radix.count_many), (values, edges)),
+      f"bits.count_many ({hgg_pipelined.EDGES} edges, candidates)": (jax.jit(bits.count_many), (values, edges)),
       "send the candidates >= an edge": (jax.jit(send_above), (values, pos)),
       "pipelined select": (run_piped, (x, carry)),
-      "hggtopk select (history hit)": (jax.jit(lambda x: plain(x, k, kth, None)), (x,)),
+      "hggtopk select (history hit)": (jax.jit(lambda x: plain.select(x, k, selectors.History(kth), None)[0]), (x,)),
   }
   for fn, args in pieces.values():
     jax.block_until_ready(fn(*args))
@@ -208,7 +212,7 @@ def parts(n: int, density: float, reps: int) -> dict:
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
   out = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-  out.update(n=n, k=k, rate=p["rate"], cap=p["cap"], reps=reps, pipelined_path=path)
+  out.update(n=n, k=k, rate=p.rate, cap=p.cap, reps=reps, pipelined_path=path)
   return out
 
 
@@ -270,9 +274,9 @@ def training_paths(steps: int, dataset: str = "fashion_mnist") -> dict:
     batch = jax.device_put(data_lib.train_batch(ds, step, cfg.batch_size, cfg.seed, False), sharding)
     state, _ = train_lib.train_step(state, step_fn, *batch)
     s = hggjax.compression_state(state.opt_state)
-    paths.append(np.bincount(np.asarray(s.pipeline.path).ravel(), minlength=4)[:4])
-    ratios.append(np.asarray(s.selected) / np.asarray(s.k))
-    centers.append(np.asarray(s.pipeline.center))
+    paths.append(np.bincount(np.asarray(s.carry.path).ravel(), minlength=4)[:4])
+    ratios.append(np.asarray(s.stats.selected) / np.asarray(s.stats.k))
+    centers.append(np.asarray(s.carry.center))
   paths, ratios = np.array(paths[1:]), np.array(ratios[1:])  # step 0: cold start
   # How far each group's k-th largest |acc| moves from one step to the next.
   moves = np.abs(np.diff(np.log(np.array(centers)), axis=0))  # [steps - 1, P, G]

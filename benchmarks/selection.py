@@ -5,14 +5,15 @@
     python -m benchmarks.selection --sizes 1e6 --densities 0.01 --methods hggtopk,topk
 
 What is timed is the selector: the jitted selection kernel on one flat float32
-vector (``select(x, k, prev_threshold, key)``, `hggjax.selectors`), the part
-that the issue's targets are about. Each time is the median of `--reps` calls
+vector (``selector.select(x, k, carry, key)``, `hggjax.selectors`); HGG-TopK's
+carry is the previous threshold. `python -m benchmarks.update` times the whole
+``tx.update`` a train step pays. Each time is the median of `--reps` calls
 after one warm-up call (compilation), with ``block_until_ready``. The exact
 reference ``lax.top_k(|x|, k)`` runs in the same process on the same vectors,
 so "x top_k" ratios never mix runs.
 
 The reference row also records `floor_ms`, one ``jnp.abs(x).max()`` pass (the
-issue's floor for a selection that must read x once).
+floor for a selection that must read x once).
 
 Quality columns: count/k = valid indices sent / k; recall = share of the exact
 top-k (from ``lax.top_k``) among them.
@@ -28,6 +29,7 @@ Prints a table and writes JSON (`--out`).
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hggjax import hgg, registry, selectors
+from hggjax import registry, selectors
 
 # Selector behind each registered name (the transform only adds error feedback).
 SELECTORS = {
@@ -51,7 +53,7 @@ SELECTORS = {
     "dgcsampling": selectors.dgc_sampling,
     "redsync": selectors.redsync,
     "redsynctrim": selectors.redsync_trim,
-    "hggtopk": hgg.hgg_topk,
+    "hggtopk": selectors.hgg_topk,
 }
 # Names that share a selector are timed once, under the first name.
 ALIASES = {"topk2": "topk", "gaussian2": "gaussian", "randomkec": "randomk"}
@@ -75,6 +77,14 @@ def draw(distribution: str, n: int, key) -> jax.Array:
   if distribution == "t3":
     return jax.random.t(key, 3.0, (n,), jnp.float32)
   raise ValueError(distribution)
+
+
+def _select(selector: selectors.Selector, k: int, x, prev, key):
+  """One group's selection; `prev` is the previous threshold (HGG-TopK's carry)."""
+  carry = jax.tree.map(lambda c: c[0], selector.init(1))
+  if isinstance(carry, selectors.History):
+    carry = selectors.History(cut=prev)
+  return selector.select(x, k, carry, key)[0]
 
 
 def timed(f, *args, reps: int) -> tuple[float, object]:
@@ -137,8 +147,7 @@ def run(sizes, densities, methods, distributions, reps, reference_reps, drift_re
     for density in densities:
       k = max(1, round(density * n))
       reference = jax.jit(lambda x: jax.lax.top_k(jnp.abs(x), k)[1])
-      kernels = {m: jax.jit(lambda x, prev, key, s=SELECTORS[m](): s(x, k, prev, key))
-                 for m in methods}
+      kernels = {m: jax.jit(functools.partial(_select, SELECTORS[m](), k)) for m in methods}
       for dist in distributions:
         x = jax.block_until_ready(draw(dist, n, jax.random.fold_in(key, DISTRIBUTIONS.index(dist))))
         ref_ms, exact = timed(reference, x, reps=reference_reps)

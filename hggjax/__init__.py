@@ -9,6 +9,8 @@ elements per leaf, ``all_gather``s their values and int32 indices, and returns
 the mean over devices; the residual stays in the state.
 """
 
+from hggjax.dense import dense_mean
+from hggjax.error_feedback import accumulated
 from hggjax.payload import Payload, Selection
 from hggjax.registry import (
     ERROR_FEEDBACK,
@@ -27,15 +29,17 @@ from hggjax.registry import (
     topk,
     topk2,
 )
+from hggjax.selectors.base import Selector
 from hggjax.sharding import compression_state, shard_state, state_specs, stats
-from hggjax.transform import CompressionState, sparsify
+from hggjax.state import CompressionState, CompressionStats
+from hggjax.transform import sparsify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressionState", "ERROR_FEEDBACK", "Options", "Payload", "Selection",
-    "compression_state", "compressors", "dgcsampling", "gaussian", "gaussian2",
-    "get_compressor", "hggtopk", "none", "randomk", "randomkec", "redsync",
-    "redsynctrim", "shard_state", "sparsify", "state_specs", "stats", "topk",
-    "topk2",
+    "CompressionState", "CompressionStats", "ERROR_FEEDBACK", "Options", "Payload",
+    "Selection", "Selector", "accumulated", "compression_state", "compressors",
+    "dense_mean", "dgcsampling", "gaussian", "gaussian2", "get_compressor", "hggtopk",
+    "none", "randomk", "randomkec", "redsync", "redsynctrim", "shard_state", "sparsify",
+    "state_specs", "stats", "topk", "topk2",
 ]

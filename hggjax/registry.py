@@ -1,7 +1,10 @@
 """The compressors by name, each an optax transformation.
 
-Names ending in 2, and ``randomk``, keep no residual (no error feedback); the
-others add what they did not send to the next step's gradient.
+Every method takes ``error_feedback``: with it (the default for all but
+``randomk``) each device adds what it did not send to the next step's gradient.
+The traditional names without error feedback (``topk2``, ``gaussian2``,
+``randomk``) and ``randomkec`` (random-k with it) are the same constructors with
+that keyword set; `ERROR_FEEDBACK` is derived from the constructors' defaults.
 
 Options shared by every constructor (`Options`):
   axis_name: None (default) compresses and decompresses locally. A mapped axis
@@ -9,9 +12,9 @@ Options shared by every constructor (`Options`):
     returns their mean, identical on every device. Call the update inside
     ``jax.shard_map`` or ``jax.pmap`` over that axis; see `hggjax.shard_state`.
   scope: "leaf" (default) selects k = max(1, round(density * n)) elements
-    within every leaf. It is the seed's per-layer behaviour, and it keeps every
-    layer learning: one global threshold starves layers whose gradients are small
-    in magnitude (biases, late layers), and it copies the whole model into one
+    within every leaf, as HGG-TopK does per layer, and it keeps every layer
+    learning: one global threshold starves layers whose gradients are small in
+    magnitude (biases, late layers), and it copies the whole model into one
     vector each step. "global" selects over all compressed leaves concatenated.
   min_size: leaves with fewer elements are sent dense (averaged, no residual).
     Default 0: every floating leaf is compressed; leaves smaller than 1/density
@@ -34,12 +37,16 @@ selection and residuals run in float32, values travel in the gradient's dtype
 (2 bytes for bfloat16/float16, plus 4 per int32 index).
 """
 
+import functools
+import inspect
 from typing import TypedDict, Unpack
 
 import jax
 import optax
 
-from hggjax import hgg, selectors, validate
+from hggjax import selectors, validate
+from hggjax.dense import dense_mean
+from hggjax.selectors.base import Selector
 from hggjax.transform import sparsify
 
 
@@ -51,7 +58,8 @@ class Options(TypedDict, total=False):
   momentum: float
 
 
-def _build(selector, density, error_feedback, options: Options, pipeline=None):
+def _options(options: Options) -> dict:
+  """The shared options, validated, with their defaults."""
   if "pipeline" in options:
     raise TypeError(
         "pipeline= is offered by hggtopk only (its selection reuses the previous "
@@ -61,16 +69,21 @@ def _build(selector, density, error_feedback, options: Options, pipeline=None):
     raise TypeError(
         f"unknown option(s) {sorted(unknown)}; shared options are "
         f"{sorted(Options.__annotations__)}.")
-  return sparsify(
-      selector,
-      validate.density(density),
-      error_feedback=error_feedback,
+  return dict(
       axis_name=validate.axis_name(options.get("axis_name")),
       scope=validate.scope(options.get("scope", "leaf")),
       min_size=validate.int_at_least("min_size", options.get("min_size", 0), 0),
       key=options.get("key", 0),
       momentum=validate.momentum(options.get("momentum", 0.0)),
-      pipeline=pipeline,
+  )
+
+
+def _build(selector: Selector, density, error_feedback, options: Options):
+  return sparsify(
+      selector,
+      validate.density(density),
+      error_feedback=validate.boolean("error_feedback", error_feedback),
+      **_options(options),
   )
 
 
@@ -79,15 +92,23 @@ def none(density: float | None = None, **options: Unpack[Options]) -> optax.Grad
 
   Args:
     density: accepted so that every name takes the same arguments; unused.
-    **options: see `Options`.
+    **options: see `Options`; `scope` and `min_size` do not apply.
   """
   if density is not None:
     validate.density(density)
-  return _build(None, 1.0, False, options)
+  shared = _options(options)
+  return dense_mean(axis_name=shared["axis_name"], momentum=shared["momentum"],
+                    key=shared["key"])
 
 
-def topk(density: float, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
-  """Exact top-k by magnitude, with error feedback (Aji & Heafield 2017).
+def topk(density: float, *, error_feedback: bool = True,
+         **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """Exact top-k by magnitude (Aji & Heafield, 2017).
+
+  Args:
+    density: share of elements sent, in (0, 1].
+    error_feedback: keep what was not sent for the next step.
+    **options: see `Options`.
 
   Example:
     >>> import jax.numpy as jnp, optax, hggjax
@@ -96,41 +117,38 @@ def topk(density: float, **options: Unpack[Options]) -> optax.GradientTransforma
     >>> updates, state = tx.update({"w": jnp.array([1., -3., 0.5, 2.])}, tx.init(params))
     >>> updates["w"]
     Array([-0., 3., -0., -2.], dtype=float32)
+
+  References:
+    Aji & Heafield, `Sparse Communication for Distributed Gradient Descent
+    <https://arxiv.org/abs/1704.05021>`_, 2017
   """
-  return _build(selectors.exact_topk(), density, True, options)
+  return _build(selectors.exact_topk(), density, error_feedback, options)
 
 
-def topk2(density: float, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
-  """Exact top-k by magnitude, without error feedback."""
-  return _build(selectors.exact_topk(), density, False, options)
-
-
-def gaussian(density: float, *, refine_steps: int = 3, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
-  """Gaussian-k with error feedback (Shi et al. 2019); see `selectors.gaussian`.
+def gaussian(density: float, *, refine_steps: int = 3, error_feedback: bool = True,
+             **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """Gaussian-k (Shi et al., 2019); see `hggjax.selectors.gaussian`.
 
   Args:
     density: share of elements sent, in (0, 1].
     refine_steps: count-and-adjust rounds after the Gaussian estimate (>= 0).
+    error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
   """
   steps = validate.int_at_least("refine_steps", refine_steps, 0)
-  return _build(selectors.gaussian(steps), density, True, options)
+  return _build(selectors.gaussian(steps), density, error_feedback, options)
 
 
-def gaussian2(density: float, *, refine_steps: int = 3, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
-  """Gaussian-k without error feedback; arguments as in `gaussian`."""
-  steps = validate.int_at_least("refine_steps", refine_steps, 0)
-  return _build(selectors.gaussian(steps), density, False, options)
+def randomk(density: float, *, error_feedback: bool = False,
+            **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """k uniformly random elements, new per device and step (a baseline).
 
-
-def randomk(density: float, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
-  """k uniformly random elements, without error feedback (a baseline)."""
-  return _build(selectors.random_k(), density, False, options)
-
-
-def randomkec(density: float, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
-  """k uniformly random elements, with error feedback."""
-  return _build(selectors.random_k(), density, True, options)
+  Args:
+    density: share of elements sent, in (0, 1].
+    error_feedback: keep what was not sent for the next step (``randomkec``).
+    **options: see `Options`.
+  """
+  return _build(selectors.random_k(), density, error_feedback, options)
 
 
 def dgcsampling(
@@ -139,46 +157,52 @@ def dgcsampling(
     sample_ratio: float = 0.01,
     min_sample: int = 1024,
     refine_steps: int = 2,
+    error_feedback: bool = True,
     **options: Unpack[Options],
 ) -> optax.GradientTransformationExtraArgs:
-  """DGC's sampled threshold with error feedback (Lin et al. 2018).
+  """DGC's sampled threshold (Lin et al., 2018).
 
   Args:
     density: share of elements sent, in (0, 1].
     sample_ratio: share of elements sampled to estimate the threshold, (0, 1].
     min_sample: floor on the sample size (>= 1).
     refine_steps: count-and-adjust rounds on the whole vector (>= 0).
+    error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
   """
   selector = selectors.dgc_sampling(
       validate.in_unit_interval("sample_ratio", sample_ratio),
       validate.int_at_least("min_sample", min_sample, 1),
       validate.int_at_least("refine_steps", refine_steps, 0))
-  return _build(selector, density, True, options)
+  return _build(selector, density, error_feedback, options)
 
 
-def redsync(density: float, *, search_steps: int = 12, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
-  """RedSync's threshold binary search with error feedback (Fang et al. 2019).
+def redsync(density: float, *, search_steps: int = 12, error_feedback: bool = True,
+            **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """RedSync's threshold binary search (Fang et al., 2019).
 
   Args:
     density: share of elements sent, in (0, 1].
     search_steps: bisection rounds between mean and max of |acc| (>= 1).
+    error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
   """
   steps = validate.int_at_least("search_steps", search_steps, 1)
-  return _build(selectors.redsync(steps), density, True, options)
+  return _build(selectors.redsync(steps), density, error_feedback, options)
 
 
-def redsynctrim(density: float, *, trim_steps: int = 10, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
-  """RedSync's trimmed top-k with error feedback (Fang et al. 2019).
+def redsynctrim(density: float, *, trim_steps: int = 10, error_feedback: bool = True,
+                **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
+  """RedSync's trimmed top-k (Fang et al., 2019).
 
   Args:
     density: share of elements sent, in (0, 1].
     trim_steps: cuts tried from max down to mean of |acc| (>= 1).
+    error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
   """
   steps = validate.int_at_least("trim_steps", trim_steps, 1)
-  return _build(selectors.redsync_trim(steps), density, True, options)
+  return _build(selectors.redsync_trim(steps), density, error_feedback, options)
 
 
 def hggtopk(
@@ -189,11 +213,12 @@ def hggtopk(
     tolerance: float = 0.01,
     beta: float = 0.98,
     pipeline: bool = False,
+    error_feedback: bool = True,
     **options: Unpack[Options],
 ) -> optax.GradientTransformationExtraArgs:
-  """HGG-TopK: history-guided log-histogram threshold, with error feedback.
+  """HGG-TopK: history-guided log-histogram threshold.
 
-  The seed's algorithm (steps in `hggjax.hgg`): the previous step's threshold
+  The algorithm (steps in `hggjax.selectors.hgg`): the previous step's threshold
   (kept in state) is accepted when it passes k within tolerance; otherwise a
   histogram over log1p(gamma * |acc|) finds the bin of the k-th element and the
   threshold interpolates inside it. The k largest above it are sent.
@@ -207,28 +232,46 @@ def hggtopk(
       below 1 it lowers the threshold so that a few more pass and the trim keeps
       the exact k largest.
     pipeline: select in one pass from state carried over from the previous step
-      (`hgg.hgg_topk_pipelined`, docs/pipeline.md): the previous cut, corrected
-      on a sample, and eight thresholds counted in the same pass; k - tol to k
-      elements are sent, or exactly k after a trim; when no threshold comes near
-      k, a bounded second pass (a sampled exact top-k) runs, and the state
-      records which (``CompressionState.pipeline.path``). Every leaf gets its own
-      selection and all_gather. `num_bins`, `gamma` and `beta` do not apply to it.
+      (`hggjax.selectors.hgg_pipelined`, docs/pipeline.md): the previous cut,
+      corrected on a sample, and 16 + 16 thresholds counted on the candidates
+      that one pass compacts; k - tol to k elements are sent, or exactly k after
+      a trim; when the candidates miss k, a bounded second pass (a sampled exact
+      top-k) runs, and the state records which (``carry.path``). Every leaf gets
+      its own selection and all_gather. `num_bins`, `gamma` and `beta` do not
+      apply to it.
+    error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
 
   Example:
     >>> import optax, hggjax
     >>> tx = optax.chain(hggjax.hggtopk(density=0.05), optax.sgd(0.1))
   """
-  selector = hgg.hgg_topk(
-      num_bins=validate.int_at_least("num_bins", num_bins, 2),
-      gamma=validate.positive("gamma", gamma),
-      tolerance=validate.in_unit_interval("tolerance", tolerance),
-      beta=validate.in_unit_interval("beta", beta))
-  pipelined = None
+  num_bins = validate.int_at_least("num_bins", num_bins, 2)
+  gamma = validate.positive("gamma", gamma)
+  tolerance = validate.in_unit_interval("tolerance", tolerance)
+  beta = validate.in_unit_interval("beta", beta)
   if validate.boolean("pipeline", pipeline):
-    pipelined = hgg.hgg_topk_pipelined(tolerance=tolerance)
-  return _build(selector, density, True, options, pipelined)
+    selector = selectors.hgg_topk_pipelined(tolerance=tolerance)
+  else:
+    selector = selectors.hgg_topk(num_bins=num_bins, gamma=gamma, tolerance=tolerance, beta=beta)
+  return _build(selector, density, error_feedback, options)
 
+
+def _variant(base, name: str, doc: str, **fixed):
+  """`base` with keywords fixed: a traditional name for one setting of a method."""
+  variant = functools.partial(base, **fixed)
+  variant.__name__ = variant.__qualname__ = name
+  variant.__doc__ = doc
+  return variant
+
+
+topk2 = _variant(topk, "topk2", "Exact top-k by magnitude, without error feedback.",
+                 error_feedback=False)
+gaussian2 = _variant(gaussian, "gaussian2",
+                     "Gaussian-k without error feedback; arguments as in `gaussian`.",
+                     error_feedback=False)
+randomkec = _variant(randomk, "randomkec", "k uniformly random elements, with error feedback.",
+                     error_feedback=True)
 
 compressors = {
     "none": none,
@@ -244,7 +287,13 @@ compressors = {
     "hggtopk": hggtopk,
 }
 
-ERROR_FEEDBACK = frozenset({"topk", "gaussian", "randomkec", "dgcsampling", "redsync", "redsynctrim", "hggtopk"})
+
+def _error_feedback_default(constructor) -> bool:
+  param = inspect.signature(constructor).parameters.get("error_feedback")
+  return bool(param is not None and param.default)
+
+
+ERROR_FEEDBACK = frozenset(name for name, fn in compressors.items() if _error_feedback_default(fn))
 
 
 def get_compressor(name: str, **kwargs) -> optax.GradientTransformationExtraArgs:

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hggjax.transform import CompressionState
+from hggjax import state as state_lib
+from hggjax.state import CompressionState
 
 
 def _is_compression(x) -> bool:
@@ -73,10 +74,7 @@ def shard_state(opt_state: Any, mesh: Mesh, axis_name: str) -> Any:
 
 def compression_state(opt_state: Any) -> CompressionState:
   """The first `CompressionState` inside `opt_state` (e.g. an optax.chain's state)."""
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_compression) if _is_compression(x)]
-  if not found:
-    raise ValueError("no hggjax compressor state found in this optimizer state.")
-  return found[0]
+  return state_lib.find(opt_state)
 
 
 def stats(opt_state: Any) -> dict[str, jax.Array]:
@@ -84,12 +82,12 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
 
   Keys: ``selected`` (elements sent), ``passed`` (met the threshold before the
   trim), ``k`` (target), ``threshold`` (float32[G], smallest magnitude sent per
-  group), ``history_hits`` (groups where hggtopk reused last step's threshold),
-  ``groups``, ``sent_bytes`` and ``dense_bytes`` (this device's payload vs a dense
-  exchange). With a device axis each value has a leading axis of length P:
-  reduce it yourself (e.g. sum ``sent_bytes`` for the whole wire).
+  group), ``history_hits`` (groups where hggtopk selected from what the previous
+  step left), ``groups``, ``sent_bytes`` and ``dense_bytes`` (this device's
+  payload vs a dense exchange). With a device axis each value has a leading axis
+  of length P: reduce it yourself (e.g. sum ``sent_bytes`` for the whole wire).
   """
-  s = compression_state(opt_state)
+  s = state_lib.find(opt_state).stats
   return {
       "selected": s.selected,
       "passed": s.passed,

@@ -20,6 +20,34 @@ def test_registry_holds_exactly_the_eleven_names():
                                    "redsynctrim", "hggtopk"}
 
 
+@pytest.mark.parametrize("variant,base,error_feedback", [
+    ("topk2", "topk", False), ("gaussian2", "gaussian", False), ("randomkec", "randomk", True)])
+def test_traditional_names_are_the_base_constructor_with_error_feedback_set(
+    variant, base, error_feedback):
+  fn = hggjax.compressors[variant]
+  assert fn.func is hggjax.compressors[base] and fn.keywords == {"error_feedback": error_feedback}
+  g = {"w": jnp.arange(1.0, 9.0)}
+  state = fn(0.25).init(g)
+  assert (state.residual is not None) == error_feedback
+  assert (hggjax.compressors[base](0.25, error_feedback=error_feedback).init(g).residual
+          is not None) == error_feedback
+
+
+def test_error_feedback_must_be_a_bool():
+  with pytest.raises(ValueError, match="error_feedback must be True or False"):
+    hggjax.topk(0.1, error_feedback=1)
+
+
+def test_building_a_compressor_starts_no_backend():
+  # The harness builds (and so validates) the compressor before it sets JAX's device
+  # count, which must precede the first backend.
+  code = ("import jax, hggjax; from jax._src import xla_bridge as xb; "
+          "[hggjax.get_compressor(n, density=0.1, key=3) for n in hggjax.compressors]; "
+          "print(xb.backends_are_initialized())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+
+
 def test_unknown_name_lists_the_valid_ones():
   with pytest.raises(ValueError, match="unknown compressor 'gtopk'; valid names: dgcsampling, gaussian"):
     hggjax.get_compressor("gtopk", density=0.1)
@@ -53,7 +81,7 @@ def test_hggtopk_knobs_are_validated(kwargs, match):
     hggjax.hggtopk(0.05, **kwargs)
 
 
-def test_hggtopk_defaults_are_the_seeds():
+def test_hggtopk_defaults_are_hggtopks_published_ones():
   import inspect
   params = inspect.signature(hggjax.hggtopk).parameters
   assert {k: params[k].default for k in ("num_bins", "gamma", "tolerance", "beta")} == {

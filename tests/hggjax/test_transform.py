@@ -42,7 +42,7 @@ def test_topk_equals_numpy_reference(name):
     pos = helpers.exact_topk_positions(g, helpers.k_of(DENSITY, g.size))
     expected[pos] = g.ravel()[pos]
     np.testing.assert_array_equal(np.asarray(out[leaf]).ravel(), expected, err_msg=leaf)
-  assert int(state.selected) == int(state.k)
+  assert int(state.stats.selected) == int(state.stats.k)
 
 
 def test_topk_second_step_adds_residual_exactly():
@@ -72,7 +72,7 @@ def test_error_feedback_identity_is_exact(name, scope):
     sent, new_state = update(grads, state)
     helpers.assert_error_feedback_exact(grads, state.residual, sent, new_state.residual)
     state = new_state
-  assert 0 < int(state.selected) <= int(state.k)
+  assert 0 < int(state.stats.selected) <= int(state.stats.k)
 
 
 @pytest.mark.parametrize("name", NO_EF + ["none"])
@@ -89,8 +89,8 @@ def test_sends_k_per_leaf_even_below_one_over_density(name):
   grads = {"bias": jnp.arange(1.0, 6.0), "scalar": jnp.float32(-2.0)}
   tx = hggjax.get_compressor(name, density=0.01)
   out, state = jax.jit(tx.update)(grads, tx.init(grads))
-  assert int(state.k) == 2  # one element per leaf
-  assert int(state.selected) >= 1
+  assert int(state.stats.k) == 2  # one element per leaf
+  assert int(state.stats.selected) >= 1
   assert float(out["scalar"]) == -2.0  # the only element of a scalar is always sent
   if name.startswith(("topk", "hgg", "redsync", "gaussian", "dgc")):
     np.testing.assert_array_equal(out["bias"], [0, 0, 0, 0, 5.0])
@@ -101,7 +101,7 @@ def test_none_is_identity_locally():
   tx = hggjax.none()
   out, state = jax.jit(tx.update)(grads, tx.init(grads))
   chex.assert_trees_all_equal(out, grads)
-  assert float(state.sent_bytes) == float(state.dense_bytes) == sum(g.nbytes for g in grads.values())
+  assert float(state.stats.sent_bytes) == float(state.stats.dense_bytes) == sum(g.nbytes for g in grads.values())
 
 
 def test_bytes_and_counts_in_state():
@@ -109,9 +109,9 @@ def test_bytes_and_counts_in_state():
   tx = hggjax.topk(DENSITY)
   _, state = tx.update(grads, tx.init(grads))
   ks = [helpers.k_of(DENSITY, g.size) for g in grads.values()]
-  assert int(state.k) == sum(ks)
-  assert float(state.sent_bytes) == sum(ks) * 8  # float32 value + int32 index per slot
-  assert float(state.dense_bytes) == sum(g.nbytes for g in grads.values())
+  assert int(state.stats.k) == sum(ks)
+  assert float(state.stats.sent_bytes) == sum(ks) * 8  # float32 value + int32 index per slot
+  assert float(state.stats.dense_bytes) == sum(g.nbytes for g in grads.values())
   stats = hggjax.stats(optax.chain(tx).init(grads))
   assert set(stats) >= {"selected", "k", "sent_bytes", "dense_bytes", "threshold", "history_hits"}
 
@@ -120,7 +120,7 @@ def test_bfloat16_values_travel_in_bfloat16():
   grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), helpers.gradients(0))
   tx = hggjax.hggtopk(DENSITY)
   _, state = tx.update(grads, tx.init(grads))
-  assert float(state.sent_bytes) == int(state.k) * (2 + 4)
+  assert float(state.stats.sent_bytes) == int(state.stats.k) * (2 + 4)
   assert all(r.dtype == jnp.float32 for r in state.residual)
 
 
@@ -129,7 +129,7 @@ def test_integer_leaves_pass_through_untouched():
   tx = hggjax.hggtopk(0.1)
   out, state = tx.update(grads, tx.init(grads))
   np.testing.assert_array_equal(out["steps"], grads["steps"])
-  assert int(state.k) == 10
+  assert int(state.stats.k) == 10
   assert state.residual[0] is None  # "steps" flattens first
 
 
@@ -139,14 +139,14 @@ def test_min_size_sends_small_leaves_dense():
   out, state = tx.update(grads, tx.init(grads))
   for name in ("scalar", "vector", "matrix", "rank3"):
     np.testing.assert_array_equal(out[name], grads[name])
-  assert int(state.k) == helpers.k_of(DENSITY, 7 * 7 * 3 * 64)
+  assert int(state.stats.k) == helpers.k_of(DENSITY, 7 * 7 * 3 * 64)
 
 
 def test_global_scope_selects_over_all_leaves():
   grads = {"small": np.full(10, 100.0, np.float32), "big": np.ones(990, np.float32)}
   tx = hggjax.topk2(0.01, scope="global")
   out, state = tx.update(grads, tx.init(grads))
-  assert int(state.k) == 10 and state.threshold.shape == (1,)
+  assert int(state.stats.k) == 10 and state.stats.threshold.shape == (1,)
   np.testing.assert_array_equal(out["small"], grads["small"])  # all 10 largest live here
   assert not np.any(out["big"])
 

@@ -1,4 +1,4 @@
-"""Momentum correction (the shared `momentum` option): exact references."""
+"""Error feedback and momentum correction (`hggjax.error_feedback`): exact references."""
 
 import functools
 
@@ -105,3 +105,28 @@ def test_sharded_equals_mean_of_local_devices(name):
 def test_momentum_outside_zero_one_says_what_to_do(bad):
   with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
     hggjax.topk(0.01, momentum=bad)
+
+
+@pytest.mark.parametrize("name,momentum,scope", [
+    ("topk", 0.0, "leaf"), ("hggtopk", M, "leaf"), ("gaussian", M, "global"),
+    ("topk2", M, "leaf"), ("none", M, "leaf")])
+def test_accumulated_is_what_the_selector_reads(name, momentum, scope):
+  """hggjax.accumulated == sent + residual' bit for bit (error feedback), and equals the
+  update at density 1 for the methods without it."""
+  grads0 = helpers.gradients(0)
+  kwargs = {} if name == "none" else {"density": 0.05, "scope": scope}
+  tx = hggjax.get_compressor(name, momentum=momentum, min_size=10, **kwargs)
+  state = tx.init(grads0)
+  update = jax.jit(tx.update)
+  accumulated = jax.jit(functools.partial(hggjax.accumulated, momentum=momentum))
+  for step in range(3):
+    grads = helpers.gradients(step)
+    acc = accumulated(grads, (optax.EmptyState(), state))  # found inside a chain's state
+    sent, state = update(grads, state)
+    for i, leaf in enumerate(sorted(grads)):
+      residual = state.residual[i] if state.residual is not None else None
+      if residual is not None:
+        np.testing.assert_array_equal(
+            np.asarray(acc[leaf]), np.asarray(sent[leaf]) + np.asarray(residual), err_msg=leaf)
+      elif name == "none":
+        np.testing.assert_array_equal(np.asarray(acc[leaf]), np.asarray(sent[leaf]), err_msg=leaf)

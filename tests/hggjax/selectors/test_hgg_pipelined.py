@@ -1,4 +1,4 @@
-"""hggtopk(pipeline=True): its three paths, error feedback, the exchange, the state."""
+"""Pipelined HGG-TopK (hggtopk(pipeline=True)): its paths, error feedback, the exchange, the state."""
 
 import functools
 import inspect
@@ -12,11 +12,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hggjax
-from hggjax import hgg, radix
+from hggjax import selectors
+from hggjax.kernels import sampling
+from hggjax.selectors.hgg_pipelined import PipelineCarry
 from tests.conftest import NUM_DEVICES
 from tests.hggjax import helpers
 
-N = 1 << 17   # above radix.MIN_FAST_N: the packed fast path
+N = 1 << 17   # above kernels.bits.MIN_FAST_N: the packed fast path
 K = helpers.k_of(0.01, N)
 TOL = int(0.01 * K)
 
@@ -24,12 +26,12 @@ TOL = int(0.01 * K)
 @functools.cache
 def _select():
   """The pipelined selector at (N, K), jitted once for the whole module."""
-  piped = hgg.hgg_topk_pipelined()
-  return jax.jit(lambda x, carry: piped.select(x, K, carry))
+  piped = selectors.hgg_topk_pipelined()
+  return jax.jit(lambda x, carry: piped.select(x, K, carry, None))
 
 
 def _carry(center=0.0, slope=0.0, path=-1):
-  return hgg.PipelineCarry(jnp.float32(center), jnp.float32(slope), jnp.int32(path))
+  return PipelineCarry(jnp.float32(center), jnp.float32(slope), jnp.int32(path))
 
 
 def _power_law(seed: int, s: float = 3.0) -> np.ndarray:
@@ -74,7 +76,7 @@ def test_each_path_keeps_its_guarantee():
   tied[order[K - 50:K + 50]] = kth
   # The largest 2k values only in blocks the second pass's sample never reads:
   # its low cut lands in the bulk, more than its capacity pass, path 3.
-  rate = radix.sample_rate(K)
+  rate = sampling.low_cut_rate(K)
   groups = np.arange(N // (16 * rate), dtype=np.uint64)
   phase = ((groups * 2654435761) % 2**32 >> 16) % rate
   sampled = np.zeros(N, bool)
@@ -141,7 +143,9 @@ def test_hggtopk_alone_takes_pipeline_and_validates_it():
       hggjax.get_compressor(name, density=0.1, pipeline=True)
   with pytest.raises(ValueError, match="pipeline must be True or False"):
     hggjax.hggtopk(0.1, pipeline=1)
-  assert hggjax.hggtopk(0.1).init({"w": jnp.ones(3)}).pipeline is None
+  assert isinstance(hggjax.hggtopk(0.1).init({"w": jnp.ones(3)}).carry, selectors.History)
+  assert isinstance(hggjax.hggtopk(0.1, pipeline=True).init({"w": jnp.ones(3)}).carry,
+                    PipelineCarry)
 
 
 SHAPES = {"bias": (10,), "w": (24, 16), "v": (16, 24)}  # small: the all-XLA path
@@ -151,23 +155,23 @@ def test_transform_error_feedback_is_exact_and_state_records_paths():
   grads0 = helpers.gradients(0, shapes=SHAPES)
   tx = hggjax.hggtopk(0.05, pipeline=True)
   state = tx.init(grads0)
-  np.testing.assert_array_equal(state.pipeline.path, [-1] * 3)
+  np.testing.assert_array_equal(state.carry.path, [-1] * 3)
   update = jax.jit(tx.update)
   for step in range(4):
     grads = jax.tree.map(lambda g, s=step: g * np.float32(1 + 0.1 * s), helpers.gradients(step, shapes=SHAPES))
     sent, new_state = update(grads, state)
     helpers.assert_error_feedback_exact(grads, state.residual, sent, new_state.residual)
     state = new_state
-    path = np.asarray(state.pipeline.path)
+    path = np.asarray(state.carry.path)
     assert set(path.tolist()) <= {0, 1, 2}
-    np.testing.assert_array_equal(state.history_hit, path <= 1)
+    np.testing.assert_array_equal(state.stats.history_hit, path <= 1)
     if step == 0:
       np.testing.assert_array_equal(path, [2, 2, 2])
   assert update._cache_size() == 1  # no retrace over steps
-  assert 0.98 * int(state.k) <= int(state.selected) <= int(state.k)
+  assert 0.98 * int(state.stats.k) <= int(state.stats.selected) <= int(state.stats.k)
   # What users log: found by name inside an optax chain's state.
   chained = (optax.EmptyState(), state)
-  np.testing.assert_array_equal(optax.tree.get(chained, "path"), state.pipeline.path)
+  np.testing.assert_array_equal(optax.tree.get(chained, "path"), state.carry.path)
 
 
 def _mesh():
@@ -213,7 +217,7 @@ def test_shard_map_equals_mean_of_local_decompressions_one_gather_per_leaf():
       for i, leaf in enumerate(sorted(SHAPES)):  # error feedback on every device
         acc = mine[leaf] + np.asarray(state.residual[i])[d]
         np.testing.assert_array_equal(acc, np.asarray(sent[leaf]) + np.asarray(new_state.residual[i])[d])
-      np.testing.assert_array_equal(np.asarray(new_state.pipeline.path)[d], local[d].pipeline.path)
+      np.testing.assert_array_equal(np.asarray(new_state.carry.path)[d], local[d].carry.path)
     for leaf in SHAPES:
       expected = sum(np.asarray(o[leaf], np.float32) for o in outs) / NUM_DEVICES
       np.testing.assert_allclose(np.asarray(out[leaf]), expected, rtol=1e-6, atol=1e-7, err_msg=leaf)
@@ -221,7 +225,7 @@ def test_shard_map_equals_mean_of_local_decompressions_one_gather_per_leaf():
 
 
 def test_short_vectors_select_from_candidates_without_packing():
-  """Below radix.MIN_FAST_N the candidates come from ``jnp.nonzero``; same guarantees."""
+  """Below kernels.bits.MIN_FAST_N the candidates come from ``jnp.nonzero``; same guarantees."""
   n, k = 20_000, 200
   tol = int(0.01 * k)
   rng = np.random.default_rng(5)
@@ -229,8 +233,8 @@ def test_short_vectors_select_from_candidates_without_packing():
   x = x.astype(np.float32)
   a = np.abs(x)
   kth = np.sort(a)[-k]
-  piped = hgg.hgg_topk_pipelined()
-  select = jax.jit(lambda x, carry: piped.select(x, k, carry))
+  piped = selectors.hgg_topk_pipelined()
+  select = jax.jit(lambda x, carry: piped.select(x, k, carry, None))
   for center in (kth, kth * 1.05, kth * 0.95):
     sel, carry = select(jnp.asarray(x), _carry(center, 3.0))
     idx = np.asarray(sel.indices)

@@ -1,0 +1,66 @@
+"""`dense_mean`: no compression, the plain mean over devices (the ``none`` baseline).
+
+It keeps the same `CompressionState` as every compressor (no residual, no
+selection groups), so `hggjax.stats`, `shard_state` and momentum correction work
+the same way for it.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hggjax import error_feedback as ef
+from hggjax import exchange
+from hggjax.state import (CompressionState, CompressionStats, with_device_axis,
+                          without_device_axis)
+from hggjax.transform import device_of, prng_key
+
+
+def dense_mean(*, axis_name: str | None = None, momentum: float = 0.0,
+               key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
+  """Every floating leaf's mean over `axis_name` (identity without one).
+
+  Args:
+    axis_name: mapped axis to average over; None leaves gradients as they are.
+    momentum: momentum correction, as in `hggjax.sparsify`: each device keeps
+      u = momentum * u + g and the mean of u is sent.
+    key: kept in the state like every compressor's (nothing here is random).
+  """
+
+  def floating(leaves):
+    return tuple(i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating))
+
+  def init_fn(params):
+    leaves = jax.tree.leaves(params)
+    velocity = None
+    if momentum:
+      dense = floating(leaves)
+      velocity = tuple(jnp.zeros(x.shape, jnp.float32) if i in dense else None
+                       for i, x in enumerate(leaves))
+    zero = jnp.zeros((), jnp.float32)
+    stats = CompressionStats(
+        selected=jnp.zeros((), jnp.int32), passed=jnp.zeros((), jnp.int32),
+        k=jnp.zeros((), jnp.int32), threshold=jnp.zeros((0,), jnp.float32),
+        history_hit=jnp.zeros((0,), bool), sent_bytes=zero, dense_bytes=zero)
+    return with_device_axis(CompressionState(
+        count=jnp.zeros((), jnp.int32), rng_key=prng_key(key), residual=None,
+        velocity=velocity, carry=(), stats=stats), axis_name)
+
+  def update_fn(updates, state, params=None, *, device_index=None, **extra_args):
+    del params, extra_args
+    device_of(axis_name, device_index)  # checks the arguments as every compressor does
+    state = without_device_axis(state, axis_name)
+    leaves, treedef = jax.tree.flatten(updates)
+    dense = floating(leaves)
+    grads, velocity = ef.momentum_step(leaves, state.velocity, dense, momentum)
+    out = list(leaves)
+    for i in dense:
+      out[i] = exchange.dense_mean(grads[i].astype(leaves[i].dtype), axis_name)
+    sent = jnp.asarray(sum(leaves[i].size * leaves[i].dtype.itemsize for i in dense),
+                       jnp.float32)
+    stats = state.stats._replace(sent_bytes=sent, dense_bytes=sent)
+    new_state = state._replace(count=optax.safe_increment(state.count), velocity=velocity,
+                               stats=stats)
+    return jax.tree.unflatten(treedef, out), with_device_axis(new_state, axis_name)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

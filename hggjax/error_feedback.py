@@ -1,0 +1,148 @@
+"""Error feedback and momentum correction: what is compressed, and what is kept.
+
+Per compressed leaf and step (Step 1 and Step 4 of `hggjax.sparsify`):
+
+    velocity' = momentum * velocity + g        (momentum correction, when momentum > 0)
+    acc       = (velocity' or g) + residual     (float32)
+    residual' = acc - sent                      (sent in the wire dtype, widened back)
+
+so ``acc == sent + residual'`` holds bit for bit: nothing is lost, only delayed.
+`accumulated` gives users (and diagnostics) the same acc without running a step.
+"""
+
+from collections.abc import Sequence
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hggjax import state as state_lib
+
+
+def momentum_step(leaves: Sequence[Any], velocity, floating: Sequence[int], momentum: float):
+  """(what to compress per leaf, the new velocity tuple or None).
+
+  With momentum correction (Lin et al., 2018, DGC) each device compresses its own
+  velocity u = momentum * u + g instead of g.
+  """
+  grads = list(leaves)
+  if not momentum:
+    return grads, None
+  velocity = list(velocity)
+  for i in floating:
+    velocity[i] = momentum * velocity[i] + leaves[i].astype(jnp.float32)
+    grads[i] = velocity[i]
+  return grads, tuple(velocity)
+
+
+def accumulate(grads, groups: Sequence[Sequence[int]], stored, local,
+               in_place: bool) -> tuple[jax.Array, jax.Array | None]:
+  """Step 1: (acc float32[m, n], one row per group; acc in the stored residual's shape or None).
+
+  `stored` is the residual tuple as the caller passed it (with the device axis),
+  `local` the same without it (None without error feedback). With `in_place` (one
+  group of one leaf, error feedback on) acc is formed in the stored residual's own
+  shape so that Step 4 can scatter into it and XLA writes the new residual into
+  the old one's buffer when the caller donates the state.
+  """
+  if in_place:
+    (leaf,), = groups
+    kept = grads[leaf].astype(jnp.float32).reshape(stored[leaf].shape) + stored[leaf]
+    return kept.ravel()[None], kept
+  rows = []
+  for group in groups:
+    acc = [grads[i].astype(jnp.float32).ravel() for i in group]
+    if local is not None:
+      acc = [a + local[i].ravel() for a, i in zip(acc, group)]
+    rows.append(acc[0] if len(acc) == 1 else jnp.concatenate(acc))
+  return jnp.stack(rows), None
+
+
+def _unravel(flat: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
+  """Index arrays into `shape` for flat positions; a position >= the size stays out
+  of range (in the first dimension), so ``mode="drop"`` still drops padding slots."""
+  strides = [math.prod(shape[j + 1:]) for j in range(len(shape))]
+  return tuple(flat // s if j == 0 else (flat // s) % d
+               for j, (s, d) in enumerate(zip(strides, shape)))
+
+
+def keep(x: jax.Array, kept: jax.Array | None, indices: jax.Array, values: jax.Array,
+         threshold: jax.Array) -> jax.Array:
+  """Step 4: residual' = acc - sent, as float32[m, n] rows, or in `kept`'s shape.
+
+  Args:
+    x: float32[m, n], acc per group (Step 1).
+    kept: acc in the stored residual's shape (one group of one leaf), or None.
+    indices: int32[m, C] sent positions (n in unused slots: dropped).
+    values: [m, C] the sent values in the wire dtype; their rounding stays behind.
+    threshold: float32[m], the selections' cuts.
+
+  Three ways, each chosen so that XLA reads acc once and writes the result over
+  a buffer it already has:
+  - `kept`: scattered in the stored shape (device axis included), the new residual
+    is written into the old one's buffer when the state is donated; through a
+    reshape or an added device axis XLA copied all n elements once more. Every read
+    of acc must come before this in-place scatter, or XLA copies acc first: reads
+    that feed the indices or values do, and the selector's cut (it reads the sent
+    magnitudes again) is tied in here. That changes nothing unless the cut is NaN,
+    i.e. acc holds NaN already.
+  - one row: on the 1-D row itself, the value the selector read; scattering into
+    the [1, n] view made XLA compute acc twice.
+  - m rows: one 2-D scatter.
+  """
+  if kept is not None:
+    sent = values[0].astype(jnp.float32)
+    sent = jnp.where(jnp.isnan(threshold[0]), jnp.nan, sent)
+    return kept.at[_unravel(indices[0], kept.shape)].add(-sent, mode="drop")
+  if x.shape[0] == 1:
+    return x[0].at[indices[0]].add(-values[0].astype(jnp.float32), mode="drop")[None]
+  row = jnp.arange(x.shape[0])[:, None]
+  return x.at[row, indices].add(-values.astype(jnp.float32), mode="drop")
+
+
+def accumulated(updates: Any, opt_state: Any, *, momentum: float = 0.0) -> Any:
+  """What the compressor in `opt_state` selects from when given `updates`.
+
+  Per floating leaf, float32 ``momentum * velocity + updates + residual`` (the
+  velocity and residual terms only where the state keeps them), in the leaf's
+  shape, computed in the same order as the update itself, so it is bit for bit the
+  vector the selector sees. Other leaves come back as they are. Pass the
+  compressor's own `momentum`; call it where the update would run (under
+  ``shard_map`` the state holds this device's slice).
+
+  Args:
+    updates: the gradient pytree the compressor would receive (after any
+      transformation chained before it).
+    opt_state: a `CompressionState`, or an optimizer state holding one.
+    momentum: the compressor's momentum (0 without momentum correction).
+
+  Example:
+    >>> import jax.numpy as jnp, hggjax
+    >>> tx = hggjax.topk(density=0.5)
+    >>> state = tx.init({"w": jnp.zeros(4)})
+    >>> _, state = tx.update({"w": jnp.array([1., -3., 0.5, 2.])}, state)
+    >>> hggjax.accumulated({"w": jnp.ones(4)}, state)["w"]
+    Array([2. , 1. , 1.5, 1. ], dtype=float32)
+  """
+  state = state_lib.find(opt_state)
+  leaves, treedef = jax.tree.flatten(updates)
+
+  def local(field):
+    if field is None:
+      return [None] * len(leaves)
+    return [None if v is None else v.reshape(leaves[i].shape) for i, v in enumerate(field)]
+
+  velocity, residual = local(state.velocity), local(state.residual)
+  out = []
+  for g, v, r in zip(leaves, velocity, residual):
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+      out.append(g)
+      continue
+    acc = g.astype(jnp.float32)
+    if momentum and v is not None:
+      acc = momentum * v + acc
+    if r is not None:
+      acc = acc + r
+    out.append(acc)
+  return jax.tree.unflatten(treedef, out)

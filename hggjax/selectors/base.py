@@ -1,0 +1,80 @@
+"""The one contract every selector follows, and pieces the threshold methods share.
+
+A selector chooses k positions of a flat float32 vector; it never reads values
+for the wire, keeps residuals or calls a collective (the transform does).
+
+    carry = selector.init(num_groups)                     # per-group arrays, [G] each
+    selection, carry_g = selector.select(x, k, carry_g, key)  # one group's slice
+
+``x`` is float32[n] (the error-compensated gradient), ``k`` a Python int (the
+payload's capacity), ``carry_g`` this group's slice of the carry (what the
+previous step left: HGG-TopK's threshold, the pipelined selector's histogram;
+``()`` for selectors without memory) and ``key`` a PRNG key that differs per
+device, group and step.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hggjax.kernels import bits
+from hggjax.payload import Selection
+
+# Threshold methods may let a few more than k through; the k largest of up to
+# this many candidates are kept (see kernels.topk.largest_above).
+CANDIDATE_FACTOR = 2
+
+
+class Selector(NamedTuple):
+  """init(num_groups) -> carry; select(x, k, carry, key) -> (Selection, carry)."""
+  init: Callable[[int], Any]
+  select: Callable[[jax.Array, int, Any, jax.Array], tuple[Selection, Any]]
+  # Select and exchange every group on its own (no batching of same-sized groups),
+  # so XLA may start a leaf's exchange as soon as its gradient exists.
+  separate_groups: bool = False
+
+
+def stateless(select: Callable[[jax.Array, int, jax.Array], Selection]) -> Selector:
+  """A Selector from ``select(x, k, key) -> Selection`` for selectors that carry nothing."""
+
+  def init(num_groups: int) -> tuple:
+    del num_groups
+    return ()
+
+  def select_with_carry(x, k, carry, key):
+    return select(x, k, key), carry
+
+  return Selector(init, select_with_carry)
+
+
+def candidate_capacity(n: int, k: int, factor: int = CANDIDATE_FACTOR) -> int:
+  """Passing positions a threshold method considers before keeping the k largest."""
+  return min(n, factor * k)
+
+
+def no_history() -> jax.Array:
+  return jnp.zeros((), bool)
+
+
+def count_and_adjust(a, threshold, k, steps, low, high, down, up,
+                     min_fast_n: int = bits.MIN_FAST_N):
+  """`steps` rounds: scale the threshold while the count is outside [low*k, high*k]."""
+  for _ in range(steps):
+    c = bits.count_at_least(a, threshold, min_fast_n)
+    factor = jnp.where(c < low * k, down, jnp.where(c > high * k, up, 1.0))
+    threshold = threshold * factor
+  return threshold
+
+
+def varying_like(tree, *refs):
+  """`tree` (constants) typed like values computed from `refs`.
+
+  Under ``shard_map`` both branches of a ``lax.cond`` must agree on which mesh
+  axes their outputs vary over; a branch that returns constants must say so.
+  ``zeros_like`` keeps its argument's type, and ``where`` joins the types; XLA
+  folds the no-op away. Outside ``shard_map`` nothing changes.
+  """
+  anchor = sum(jnp.zeros_like(r.ravel()[0] if r.ndim else r, jnp.int32) for r in refs) == 0
+  return jax.tree.map(lambda v: jnp.where(anchor, v, v), tree)

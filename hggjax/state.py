@@ -1,0 +1,59 @@
+"""The state every hggjax compressor keeps, and its per-step statistics.
+
+With ``axis_name`` set, every field carries a leading device axis: length 1 as
+the update sees it (one device's slice), length P once `hggjax.shard_state` has
+placed it on a mesh (sharded ``P(axis_name)``) or once it is stacked for
+``pmap``. G below is the number of selection groups: one per compressed leaf
+(``scope="leaf"``), or 1 (``scope="global"``); 0 for ``none``.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+
+
+class CompressionStats(NamedTuple):
+  """What the last step did, per device (read them with `hggjax.stats`)."""
+  selected: jax.Array     # int32[]: elements this device sent (padding excluded)
+  passed: jax.Array       # int32[]: elements that met the threshold, before trimming to k
+  k: jax.Array            # int32[]: the target, sum of k over groups
+  threshold: jax.Array    # float32[G]: smallest magnitude sent, per group
+  history_hit: jax.Array  # bool[G]: HGG-TopK selected from what the previous step left
+                          # (its threshold accepted; pipelined: one pass, paths 0-1)
+  sent_bytes: jax.Array   # float32[]: bytes this device put on the wire
+                          # (values + int32 indices of every slot, plus dense leaves)
+  dense_bytes: jax.Array  # float32[]: bytes of a dense exchange of the same gradients
+
+
+class CompressionState(NamedTuple):
+  """State of every hggjax compressor; found in a chain's state by `hggjax.stats`."""
+  count: jax.Array     # int32[]: updates applied so far
+  rng_key: jax.Array   # uint32[2]: split every step; folded with the device and group
+  residual: Any        # error feedback: a tuple over the flattened gradient leaves,
+                       # float32[*leaf.shape] for compressed leaves, None for the rest;
+                       # None for compressors without error feedback
+  velocity: Any        # momentum correction (``momentum > 0``): a tuple over the
+                       # flattened gradient leaves, float32[*leaf.shape] for floating
+                       # leaves, None for the rest; None without momentum
+  carry: Any           # what the selector keeps between steps, [G] arrays
+                       # (`selectors.History` for hggtopk, `selectors.PipelineCarry`
+                       # with pipeline=True, () for selectors without memory)
+  stats: CompressionStats
+
+
+def with_device_axis(state: CompressionState, axis_name: str | None) -> CompressionState:
+  """`state` with the leading device axis of length 1 that the update's caller sees."""
+  return jax.tree.map(lambda x: x[None], state) if axis_name else state
+
+
+def without_device_axis(state: CompressionState, axis_name: str | None) -> CompressionState:
+  return jax.tree.map(lambda x: x[0], state) if axis_name else state
+
+
+def find(opt_state: Any) -> CompressionState:
+  """The first `CompressionState` inside `opt_state` (e.g. an optax.chain's state)."""
+  is_state = lambda x: isinstance(x, CompressionState)  # noqa: E731
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+  if not found:
+    raise ValueError("no hggjax compressor state found in this optimizer state.")
+  return found[0]
