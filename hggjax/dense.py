@@ -11,9 +11,8 @@ import optax
 
 from hggjax import error_feedback as ef
 from hggjax import exchange
-from hggjax.state import (CompressionState, CompressionStats, with_device_axis,
-                          without_device_axis)
-from hggjax.transform import device_of, prng_key
+from hggjax.state import CompressionState, empty_stats, with_device_axis, without_device_axis
+from hggjax.transform import device_of, prng_key, to_dtype
 
 
 def dense_mean(*, axis_name: str | None = None, momentum: float = 0.0,
@@ -37,14 +36,9 @@ def dense_mean(*, axis_name: str | None = None, momentum: float = 0.0,
       dense = floating(leaves)
       velocity = tuple(jnp.zeros(x.shape, jnp.float32) if i in dense else None
                        for i, x in enumerate(leaves))
-    zero = jnp.zeros((), jnp.float32)
-    stats = CompressionStats(
-        selected=jnp.zeros((), jnp.int32), passed=jnp.zeros((), jnp.int32),
-        k=jnp.zeros((), jnp.int32), threshold=jnp.zeros((0,), jnp.float32),
-        history_hit=jnp.zeros((0,), bool), sent_bytes=zero, dense_bytes=zero)
     return with_device_axis(CompressionState(
         count=jnp.zeros((), jnp.int32), rng_key=prng_key(key), residual=None,
-        velocity=velocity, carry=(), stats=stats), axis_name)
+        velocity=velocity, carry=(), stats=empty_stats(0, 0)), axis_name)
 
   def update_fn(updates, state, params=None, *, device_index=None, **extra_args):
     del params, extra_args
@@ -52,14 +46,18 @@ def dense_mean(*, axis_name: str | None = None, momentum: float = 0.0,
     state = without_device_axis(state, axis_name)
     leaves, treedef = jax.tree.flatten(updates)
     dense = floating(leaves)
-    grads, velocity = ef.momentum_step(leaves, state.velocity, dense, momentum)
+    # A gradient holding NaN or Inf adds nothing this step and changes no state.
+    ok = ef.all_finite(leaves)
+    grads, velocity = ef.momentum_step(leaves, state.velocity, dense, momentum, ok)
     out = list(leaves)
     for i in dense:
-      out[i] = exchange.dense_mean(grads[i].astype(leaves[i].dtype), axis_name)
+      out[i] = exchange.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype),
+                                   axis_name)
     sent = jnp.asarray(sum(leaves[i].size * leaves[i].dtype.itemsize for i in dense),
                        jnp.float32)
-    stats = state.stats._replace(sent_bytes=sent, dense_bytes=sent)
-    new_state = state._replace(count=optax.safe_increment(state.count), velocity=velocity,
+    stats = state.stats._replace(sent_bytes=sent, dense_bytes=sent,
+                                 nonfinite=(~ok).astype(jnp.int32))
+    new_state = state._replace(count=state.count + ok.astype(jnp.int32), velocity=velocity,
                                stats=stats)
     return jax.tree.unflatten(treedef, out), with_device_axis(new_state, axis_name)
 

@@ -7,6 +7,9 @@ Per compressed leaf and step (Step 1 and Step 4 of `hggjax.sparsify`):
     residual' = acc - sent                      (sent in the wire dtype, widened back)
 
 so ``acc == sent + residual'`` holds bit for bit: nothing is lost, only delayed.
+Sums that would overflow float32 saturate at +-3.4e38 instead of becoming inf.
+On a step whose gradient is not finite (``ok`` False) velocity' = velocity and
+acc = residual: the step adds nothing, and with nothing sent the residual stays.
 `accumulated` gives users (and diagnostics) the same acc without running a step.
 """
 
@@ -19,42 +22,67 @@ import jax.numpy as jnp
 
 from hggjax import state as state_lib
 
+_MAX = float(jnp.finfo(jnp.float32).max)
 
-def momentum_step(leaves: Sequence[Any], velocity, floating: Sequence[int], momentum: float):
+
+def saturate(x: jax.Array) -> jax.Array:
+  """x with overflowed sums held at the largest finite float32 (the same bits otherwise)."""
+  return jnp.clip(x, -_MAX, _MAX)
+
+
+def all_finite(leaves: Sequence[Any]) -> jax.Array:
+  """bool[]: no NaN or Inf in any floating leaf (one reduction per leaf)."""
+  ok = jnp.bool_(True)
+  for x in leaves:
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
+
+
+def momentum_step(leaves: Sequence[Any], velocity, floating: Sequence[int], momentum: float,
+                  ok: jax.Array):
   """(what to compress per leaf, the new velocity tuple or None).
 
   With momentum correction (Lin et al., 2018, DGC) each device compresses its own
-  velocity u = momentum * u + g instead of g.
+  velocity u = momentum * u + g instead of g. When not `ok` the velocity stays.
   """
   grads = list(leaves)
   if not momentum:
     return grads, None
   velocity = list(velocity)
   for i in floating:
-    velocity[i] = momentum * velocity[i] + leaves[i].astype(jnp.float32)
+    new = saturate(momentum * velocity[i] + leaves[i].astype(jnp.float32))
+    velocity[i] = jnp.where(ok, new, velocity[i])
     grads[i] = velocity[i]
   return grads, tuple(velocity)
 
 
-def accumulate(grads, groups: Sequence[Sequence[int]], stored, local,
-               in_place: bool) -> tuple[jax.Array, jax.Array | None]:
+def accumulate(grads, groups: Sequence[Sequence[int]], stored, local, in_place: bool,
+               ok: jax.Array, fresh: Sequence[bool]) -> tuple[jax.Array, jax.Array | None]:
   """Step 1: (acc float32[m, n], one row per group; acc in the stored residual's shape or None).
 
   `stored` is the residual tuple as the caller passed it (with the device axis),
   `local` the same without it (None without error feedback). With `in_place` (one
   group of one leaf, error feedback on) acc is formed in the stored residual's own
   shape so that Step 4 can scatter into it and XLA writes the new residual into
-  the old one's buffer when the caller donates the state.
+  the old one's buffer when the caller donates the state. `fresh[i]` says whether
+  grads[i] is this step's gradient (not yet masked by `ok`, i.e. no momentum).
   """
+
+  def add(g, r, i):
+    if r is None:
+      return jnp.where(ok, g, 0.0) if fresh[i] else g
+    total = saturate(g + r)
+    return jnp.where(ok, total, r)
+
   if in_place:
     (leaf,), = groups
-    kept = grads[leaf].astype(jnp.float32).reshape(stored[leaf].shape) + stored[leaf]
+    kept = add(grads[leaf].astype(jnp.float32).reshape(stored[leaf].shape), stored[leaf], leaf)
     return kept.ravel()[None], kept
   rows = []
   for group in groups:
-    acc = [grads[i].astype(jnp.float32).ravel() for i in group]
-    if local is not None:
-      acc = [a + local[i].ravel() for a, i in zip(acc, group)]
+    acc = [add(grads[i].astype(jnp.float32).ravel(),
+               None if local is None else local[i].ravel(), i) for i in group]
     rows.append(acc[0] if len(acc) == 1 else jnp.concatenate(acc))
   return jnp.stack(rows), None
 
@@ -141,8 +169,8 @@ def accumulated(updates: Any, opt_state: Any, *, momentum: float = 0.0) -> Any:
       continue
     acc = g.astype(jnp.float32)
     if momentum and v is not None:
-      acc = momentum * v + acc
+      acc = saturate(momentum * v + acc)
     if r is not None:
-      acc = acc + r
+      acc = saturate(acc + r)
     out.append(acc)
   return jax.tree.unflatten(treedef, out)

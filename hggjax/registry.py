@@ -50,6 +50,12 @@ from hggjax.selectors.base import Selector
 from hggjax.transform import sparsify
 
 
+# Every counting round is a pass over the vector unrolled at trace time: beyond this
+# many, compiling takes minutes and float32 thresholds stop moving anyway.
+MAX_STEPS = 64
+MAX_BINS = 1 << 20
+
+
 class Options(TypedDict, total=False):
   axis_name: str | None
   scope: str
@@ -73,7 +79,7 @@ def _options(options: Options) -> dict:
       axis_name=validate.axis_name(options.get("axis_name")),
       scope=validate.scope(options.get("scope", "leaf")),
       min_size=validate.int_at_least("min_size", options.get("min_size", 0), 0),
-      key=options.get("key", 0),
+      key=validate.key(options.get("key", 0)),
       momentum=validate.momentum(options.get("momentum", 0.0)),
   )
 
@@ -131,11 +137,11 @@ def gaussian(density: float, *, refine_steps: int = 3, error_feedback: bool = Tr
 
   Args:
     density: share of elements sent, in (0, 1].
-    refine_steps: count-and-adjust rounds after the Gaussian estimate (>= 0).
+    refine_steps: count-and-adjust rounds after the Gaussian estimate (0 to 64).
     error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
   """
-  steps = validate.int_at_least("refine_steps", refine_steps, 0)
+  steps = validate.int_at_least("refine_steps", refine_steps, 0, MAX_STEPS)
   return _build(selectors.gaussian(steps), density, error_feedback, options)
 
 
@@ -166,14 +172,14 @@ def dgcsampling(
     density: share of elements sent, in (0, 1].
     sample_ratio: share of elements sampled to estimate the threshold, (0, 1].
     min_sample: floor on the sample size (>= 1).
-    refine_steps: count-and-adjust rounds on the whole vector (>= 0).
+    refine_steps: count-and-adjust rounds on the whole vector (0 to 64).
     error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
   """
   selector = selectors.dgc_sampling(
       validate.in_unit_interval("sample_ratio", sample_ratio),
       validate.int_at_least("min_sample", min_sample, 1),
-      validate.int_at_least("refine_steps", refine_steps, 0))
+      validate.int_at_least("refine_steps", refine_steps, 0, MAX_STEPS))
   return _build(selector, density, error_feedback, options)
 
 
@@ -183,11 +189,12 @@ def redsync(density: float, *, search_steps: int = 12, error_feedback: bool = Tr
 
   Args:
     density: share of elements sent, in (0, 1].
-    search_steps: bisection rounds between mean and max of |acc| (>= 1).
+    search_steps: bisection rounds between mean and max of |acc| (1 to 64; float32
+      resolves no more than about 24).
     error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
   """
-  steps = validate.int_at_least("search_steps", search_steps, 1)
+  steps = validate.int_at_least("search_steps", search_steps, 1, MAX_STEPS)
   return _build(selectors.redsync(steps), density, error_feedback, options)
 
 
@@ -197,11 +204,11 @@ def redsynctrim(density: float, *, trim_steps: int = 10, error_feedback: bool = 
 
   Args:
     density: share of elements sent, in (0, 1].
-    trim_steps: cuts tried from max down to mean of |acc| (>= 1).
+    trim_steps: cuts tried from max down to mean of |acc| (1 to 64).
     error_feedback: keep what was not sent for the next step.
     **options: see `Options`.
   """
-  steps = validate.int_at_least("trim_steps", trim_steps, 1)
+  steps = validate.int_at_least("trim_steps", trim_steps, 1, MAX_STEPS)
   return _build(selectors.redsync_trim(steps), density, error_feedback, options)
 
 
@@ -225,8 +232,8 @@ def hggtopk(
 
   Args:
     density: share of elements sent, in (0, 1].
-    num_bins: histogram bins (NUM_BINS, >= 2).
-    gamma: log-scaling factor (GAMMA, > 0): bins are uniform in log1p(gamma*|x|).
+    num_bins: histogram bins (NUM_BINS, 2 to 2**20).
+    gamma: log-scaling factor (GAMMA, finite, > 0): bins are uniform in log1p(gamma*|x|).
     tolerance: accepted miss, as a share of k (TOLERANCE, in (0, 1]).
     beta: interpolation coefficient inside the chosen bin (BETA, in (0, 1]);
       below 1 it lowers the threshold so that a few more pass and the trim keeps
@@ -246,7 +253,7 @@ def hggtopk(
     >>> import optax, hggjax
     >>> tx = optax.chain(hggjax.hggtopk(density=0.05), optax.sgd(0.1))
   """
-  num_bins = validate.int_at_least("num_bins", num_bins, 2)
+  num_bins = validate.int_at_least("num_bins", num_bins, 2, MAX_BINS)
   gamma = validate.positive("gamma", gamma)
   tolerance = validate.in_unit_interval("tolerance", tolerance)
   beta = validate.in_unit_interval("beta", beta)

@@ -97,4 +97,5 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       "groups": jnp.full(s.k.shape, s.threshold.shape[-1]),
       "sent_bytes": s.sent_bytes,
       "dense_bytes": s.dense_bytes,
+      "nonfinite": s.nonfinite,
   }

@@ -10,6 +10,7 @@ placed it on a mesh (sharded ``P(axis_name)``) or once it is stacked for
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 
 class CompressionStats(NamedTuple):
@@ -23,11 +24,13 @@ class CompressionStats(NamedTuple):
   sent_bytes: jax.Array   # float32[]: bytes this device put on the wire
                           # (values + int32 indices of every slot, plus dense leaves)
   dense_bytes: jax.Array  # float32[]: bytes of a dense exchange of the same gradients
+  nonfinite: jax.Array    # int32[]: 1 when this device's gradient held NaN or Inf and
+                          # the step was skipped (nothing sent, no other state changed)
 
 
 class CompressionState(NamedTuple):
   """State of every hggjax compressor; found in a chain's state by `hggjax.stats`."""
-  count: jax.Array     # int32[]: updates applied so far
+  count: jax.Array     # int32[]: steps this device contributed to (skipped steps excluded)
   rng_key: jax.Array   # uint32[2]: split every step; folded with the device and group
   residual: Any        # error feedback: a tuple over the flattened gradient leaves,
                        # float32[*leaf.shape] for compressed leaves, None for the rest;
@@ -39,6 +42,16 @@ class CompressionState(NamedTuple):
                        # (`selectors.History` for hggtopk, `selectors.PipelineCarry`
                        # with pipeline=True, () for selectors without memory)
   stats: CompressionStats
+
+
+def empty_stats(num_groups: int, k: int) -> CompressionStats:
+  """The statistics before any step: nothing sent yet."""
+  zero, none = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+  return CompressionStats(
+      selected=none, passed=none, k=jnp.asarray(k, jnp.int32),
+      threshold=jnp.zeros((num_groups,), jnp.float32),
+      history_hit=jnp.zeros((num_groups,), bool), sent_bytes=zero, dense_bytes=zero,
+      nonfinite=none)
 
 
 def with_device_axis(state: CompressionState, axis_name: str | None) -> CompressionState:

@@ -17,14 +17,15 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hggjax import error_feedback as ef
 from hggjax import exchange
 from hggjax.payload import Payload, Selection
 from hggjax.selectors.base import Selector
-from hggjax.state import (CompressionState, CompressionStats, with_device_axis,
-                          without_device_axis)
+from hggjax.state import (CompressionState, CompressionStats, empty_stats,
+                          with_device_axis, without_device_axis)
 
 Scope = Literal["leaf", "global"]
 
@@ -86,13 +87,85 @@ def device_of(axis_name: str | None, device_index) -> jax.Array | None:
 
 def _select(selector: Selector, x: jax.Array, k: int, carry: Any, ids: jax.Array,
             keys: jax.Array) -> tuple[Selection, Any]:
-  """Step 2: `selector` over the rows of x[m, n]; Selection fields and carry gain a leading m."""
+  """Step 2: `selector` over the rows of x[m, n]; Selection fields and carry gain a leading m.
+
+  With k = n (density 1) there is nothing to choose: every position is sent and
+  the carry stays as it was.
+  """
   rows = jax.tree.map(lambda v: v[ids], carry)
-  if x.shape[0] == 1:
+  m, n = x.shape
+  if k >= n:
+    a = jnp.abs(x)
+    every = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (m, n))
+    low = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=1)
+    sel = Selection(every, jnp.sum(a > 0, axis=1, dtype=jnp.int32),
+                    jnp.where(jnp.isfinite(low), low, 0.0), jnp.zeros((m,), bool))
+    return sel, rows
+  if m == 1:
     sel, new = selector.select(x[0], k, jax.tree.map(lambda v: v[0], rows), keys[0])
     return jax.tree.map(lambda a: a[None], (sel, new))
   return jax.lax.map(lambda args: selector.select(args[0], k, args[1], args[2]),
                      (x, rows, keys))
+
+
+def _check_layout(leaves, paths, plan: "_Plan", state: CompressionState) -> None:
+  """Trace-time checks that the gradients fit `state` (one device's, as `init` built it);
+  a mismatch names the leaf."""
+  _check_leaves(leaves, paths)
+  for field in ("residual", "velocity"):
+    stored = getattr(state, field)
+    if stored is None:
+      continue
+    if len(stored) != len(leaves):
+      raise ValueError(
+          f"the gradient pytree has {len(leaves)} leaves but tx.init saw {len(stored)}: "
+          "pass updates with the structure of the params given to tx.init.")
+    for i, (x, r) in enumerate(zip(leaves, stored)):
+      shape = None if r is None else r.shape
+      if shape is not None and shape != x.shape:
+        raise ValueError(
+            f"gradient leaf {paths[i]} has shape {x.shape} but tx.init saw {shape}: "
+            "pass updates with the structure of the params given to tx.init.")
+      floating = jnp.issubdtype(x.dtype, jnp.floating)
+      expected = i in plan.sparse if field == "residual" else floating
+      if (r is not None) != expected:
+        raise ValueError(
+            f"gradient leaf {paths[i]} ({x.dtype}, {x.shape}) does not match the leaf "
+            "tx.init saw there: pass updates with the structure of the params given to tx.init.")
+  groups = state.stats.threshold.shape[-1]
+  if groups != plan.num_groups:
+    raise ValueError(
+        f"the gradients form {plan.num_groups} selection groups but tx.init saw {groups}: "
+        "pass updates with the structure of the params given to tx.init.")
+
+
+MAX_LEAF_SIZE = 2**31 - 1  # positions travel as int32
+
+
+def _check_leaves(leaves, paths) -> None:
+  for x, path in zip(leaves, paths):
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+      raise ValueError(
+          f"leaf {path} is {x.dtype}: hggjax compresses real floating gradients; "
+          "keep real and imaginary parts as two real leaves (e.g. a pair of float32 arrays).")
+    if x.size > MAX_LEAF_SIZE:
+      raise ValueError(
+          f"leaf {path} has {x.size} elements; hggjax indexes positions with int32, so a "
+          f"leaf may hold at most {MAX_LEAF_SIZE}: split it into smaller leaves.")
+
+
+def _round_to_leaf_dtypes(values: jax.Array, indices: jax.Array, group, leaves) -> jax.Array:
+  """A group mixing dtypes travels in the widest; each value is first rounded to its own
+  leaf's dtype, so that the rounding stays in the residual as it does per leaf."""
+  dtypes = [leaves[i].dtype for i in group]
+  if len(set(dtypes)) == 1:
+    return values
+  ends = np.cumsum([leaves[i].size for i in group])
+  leaf = jnp.searchsorted(jnp.asarray(ends, jnp.int32), indices, side="right")
+  for dtype in sorted(set(dtypes) - {values.dtype}, key=str):
+    mine = jnp.asarray([d == dtype for d in dtypes] + [False])[jnp.minimum(leaf, len(group))]
+    values = jnp.where(mine, to_dtype(values, dtype).astype(values.dtype), values)
+  return values
 
 
 def sparsify(
@@ -137,7 +210,8 @@ def sparsify(
     return _plan(leaves, density, scope, min_size, selector.separate_groups)
 
   def init_fn(params):
-    leaves = jax.tree.leaves(params)
+    leaves, paths = _flatten(params)
+    _check_leaves(leaves, paths)
     plan = plan_of(leaves)
     g = plan.num_groups
     residual = velocity = None
@@ -147,34 +221,32 @@ def sparsify(
     if momentum:
       velocity = tuple(jnp.zeros(x.shape, jnp.float32) if i in plan.sparse + plan.dense
                        else None for i, x in enumerate(leaves))
-    stats = CompressionStats(
-        selected=jnp.zeros((), jnp.int32),
-        passed=jnp.zeros((), jnp.int32),
-        k=jnp.asarray(sum(plan.ks), jnp.int32),
-        threshold=jnp.zeros((g,), jnp.float32),
-        history_hit=jnp.zeros((g,), bool),
-        sent_bytes=jnp.zeros((), jnp.float32),
-        dense_bytes=jnp.zeros((), jnp.float32))
     return with_device_axis(CompressionState(
         count=jnp.zeros((), jnp.int32), rng_key=prng_key(key), residual=residual,
-        velocity=velocity, carry=selector.init(g), stats=stats), axis_name)
+        velocity=velocity, carry=selector.init(g), stats=empty_stats(g, sum(plan.ks))),
+        axis_name)
 
   def update_fn(updates, state, params=None, *, device_index=None, **extra_args):
     """Compress `updates`; `device_index` lets one process play device i without an axis."""
     del params, extra_args
     stored = state.residual  # as the caller holds it (device axis included): Step 4 writes over it
     state = without_device_axis(state, axis_name)
-    leaves, treedef = jax.tree.flatten(updates)
+    (leaves, paths), treedef = _flatten(updates), jax.tree.structure(updates)
     plan = plan_of(leaves)
+    _check_layout(leaves, paths, plan, state)
     key, next_key = jax.random.split(state.rng_key)
     device = device_of(axis_name, device_index)
     if device is not None:  # random selections differ per device
       key = jax.random.fold_in(key, device)
 
-    grads, velocity = ef.momentum_step(leaves, state.velocity, plan.sparse + plan.dense, momentum)
+    # Step 0: a gradient holding NaN or Inf adds nothing this step and changes no state.
+    ok = ef.all_finite(leaves)
+    grads, velocity = ef.momentum_step(
+        leaves, state.velocity, plan.sparse + plan.dense, momentum, ok)
+    fresh = [not momentum] * len(leaves)
     out = list(leaves)  # non-floating leaves pass through untouched
     for i in plan.dense:
-      out[i] = exchange.dense_mean(grads[i].astype(leaves[i].dtype), axis_name)
+      out[i] = exchange.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype), axis_name)
     residual = list(stored) if error_feedback else None
     carry, threshold, history_hit = state.carry, state.stats.threshold, state.stats.history_hit
     selected = passed = jnp.zeros((), jnp.int32)
@@ -185,18 +257,25 @@ def sparsify(
       # Step 1: acc = g + residual, one float32 row per group.
       in_place = (error_feedback and len(groups) == 1 and len(groups[0]) == 1
                   and stored[groups[0][0]].ndim > 0)
-      x, kept = ef.accumulate(grads, groups, stored, state.residual, in_place)
+      x, kept = ef.accumulate(grads, groups, stored, state.residual, in_place, ok, fresh)
       # Step 2: select k positions per row.
       ids = jnp.asarray(bucket)
       keys = jnp.stack([jax.random.fold_in(key, g) for g in bucket])
       sel, carry_rows = _select(selector, x, k, carry, ids, keys)
-      carry = jax.tree.map(lambda v, u: v.at[ids].set(u), carry, carry_rows)
+      carry = jax.tree.map(lambda v, u, w: v.at[ids].set(jnp.where(ok, u, w)),
+                           carry, carry_rows, jax.tree.map(lambda v: v[ids], carry))
       # Step 3: exchange the values in the wire dtype; the mean of every device's payload.
+      # Zeros carry nothing: their slots go out unused, like every slot of a skipped step.
       values = jnp.take_along_axis(x, sel.indices, axis=1, mode="fill", fill_value=0)
-      values = values.astype(wire)
-      mean = exchange.sparse_mean(Payload(values, sel.indices), n, axis_name)
+      if len(groups) == 1:
+        values = _round_to_leaf_dtypes(values, sel.indices, groups[0], leaves)
+      values = to_dtype(values, wire)
+      sent = ok & (values != 0)
+      values = jnp.where(sent, values, 0)
+      indices = jnp.where(sent, sel.indices, n)
+      mean = exchange.sparse_mean(Payload(values, indices), n, axis_name)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.
-      rest = ef.keep(x, kept, sel.indices, values, sel.threshold) if error_feedback else None
+      rest = ef.keep(x, kept, indices, values, sel.threshold) if error_feedback else None
       for r, group in enumerate(groups):
         offset = 0
         for i in group:
@@ -207,20 +286,21 @@ def sparsify(
                 rest[r, offset:offset + size].reshape(shape), axis_name)
           offset += size
       # Step 5: statistics.
-      threshold = threshold.at[ids].set(sel.threshold)
-      history_hit = history_hit.at[ids].set(sel.history_hit)
-      selected += jnp.sum(sel.indices < n, dtype=jnp.int32)
-      passed += jnp.sum(sel.passed, dtype=jnp.int32)
+      threshold = threshold.at[ids].set(jnp.where(ok, sel.threshold, 0.0))
+      history_hit = history_hit.at[ids].set(ok & sel.history_hit)
+      selected += jnp.sum(indices < n, dtype=jnp.int32)
+      passed += jnp.where(ok, jnp.sum(sel.passed, dtype=jnp.int32), 0)
       sent_bytes += len(bucket) * k * (wire.itemsize + 4)
 
     dense_bytes = sum(leaves[i].size * leaves[i].dtype.itemsize for i in plan.sparse + plan.dense)
     stats = CompressionStats(
-        selected=selected, passed=passed, k=state.stats.k, threshold=threshold,
-        history_hit=history_hit, sent_bytes=jnp.asarray(sent_bytes, jnp.float32),
-        dense_bytes=jnp.asarray(dense_bytes, jnp.float32))
+        selected=selected, passed=passed, k=jnp.asarray(sum(plan.ks), jnp.int32),
+        threshold=threshold, history_hit=history_hit,
+        sent_bytes=jnp.asarray(sent_bytes, jnp.float32),
+        dense_bytes=jnp.asarray(dense_bytes, jnp.float32), nonfinite=(~ok).astype(jnp.int32))
     new_state = with_device_axis(CompressionState(
-        count=optax.safe_increment(state.count), rng_key=next_key, residual=None,
-        velocity=velocity, carry=carry, stats=stats), axis_name)
+        count=state.count + ok.astype(jnp.int32), rng_key=_keep_unless(ok, next_key, state.rng_key),
+        residual=None, velocity=velocity, carry=carry, stats=stats), axis_name)
     # The residual is in the stored shapes already (device axis included).
     new_state = new_state._replace(residual=tuple(residual) if error_feedback else None)
     return jax.tree.unflatten(treedef, out), new_state
@@ -228,5 +308,29 @@ def sparsify(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def to_dtype(x: jax.Array, dtype) -> jax.Array:
+  """`x` in `dtype`, saturating at its largest finite value instead of overflowing to
+  inf (a float16 wire holds at most 65504; what does not fit stays in the residual)."""
+  dtype = jnp.dtype(dtype)
+  if dtype.itemsize < x.dtype.itemsize and jnp.issubdtype(dtype, jnp.floating):
+    top = float(jnp.finfo(dtype).max)
+    x = jnp.clip(x, -top, top)
+  return x.astype(dtype)
+
+
 def _stored_shape(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x[None] if axis_name else x
+
+
+def _keep_unless(ok: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+  """`new` when ok, else `old`; for raw (uint32) and typed PRNG keys alike."""
+  if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
+    data = jnp.where(ok, jax.random.key_data(new), jax.random.key_data(old))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
+  return jnp.where(ok, new, old)
+
+
+def _flatten(tree) -> tuple[list[Any], list[str]]:
+  """(leaves, their paths as text) in ``jax.tree.leaves`` order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [x for _, x in flat], [jax.tree_util.keystr(p) or "(root)" for p, _ in flat]

@@ -1,6 +1,9 @@
 """Argument checks run at construction, with messages that say what to do."""
 
+import math
 import numbers
+
+import jax
 
 _SCOPES = ("leaf", "global")
 
@@ -23,15 +26,19 @@ def in_unit_interval(name: str, value) -> float:
   return float(value)
 
 
-def positive(name: str, value) -> float:
-  if not _is_real(value) or not value > 0:
-    raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+def positive(name: str, value, high: float = math.inf) -> float:
+  if not _is_real(value) or not 0 < value < high:
+    limit = "a finite number > 0" if high == math.inf else f"a number in (0, {high:g})"
+    raise ValueError(f"{name} must be {limit}, got {value!r}.")
   return float(value)
 
 
-def int_at_least(name: str, value, low: int) -> int:
-  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+def int_at_least(name: str, value, low: int, high: int | None = None) -> int:
+  """An integer in [low, high]; `high` bounds work that is unrolled at trace time."""
+  if (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low
+      or (high is not None and value > high)):
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
   return int(value)
 
 
@@ -50,11 +57,24 @@ def scope(value) -> str:
 
 
 def axis_name(value):
-  if value is not None and not isinstance(value, str):
+  if value is not None and (not isinstance(value, str) or not value):
     raise ValueError(
         f"axis_name must be None (no exchange) or the name of the mapped axis "
-        f"as a string, e.g. 'data', got {value!r}.")
+        f"as a non-empty string, e.g. 'data', got {value!r}.")
   return value
+
+
+def key(value):
+  """An integer seed (Python or NumPy) or a JAX PRNG key, returned unchanged."""
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    return value
+  dtype = getattr(value, "dtype", None)
+  if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (
+      str(dtype) == "uint32" and getattr(value, "shape", None) == (2,))):
+    return value
+  raise ValueError(
+      f"key must be an integer seed or a JAX PRNG key (jax.random.key(0) or "
+      f"jax.random.PRNGKey(0)), got {value!r}.")
 
 
 def momentum(value) -> float:

@@ -36,8 +36,9 @@ def strided_sample(key: jax.Array, n: int, m: int) -> jax.Array:
   k_off, k_rot = jax.random.split(key)
   offsets = jax.random.randint(k_off, (m,), 0, s, dtype=jnp.int32)
   rotation = jax.random.randint(k_rot, (), 0, n, dtype=jnp.int32)
-  idx = jnp.arange(m, dtype=jnp.int32) * s + offsets + rotation
-  return jnp.where(idx >= n, idx - n, idx)
+  idx = jnp.arange(m, dtype=jnp.int32) * s + offsets  # < n
+  # idx + rotation wraps around n; written so that no sum reaches 2n (int32 for n > 2**30).
+  return jnp.where(idx >= n - rotation, idx - (n - rotation), idx + rotation)
 
 
 def blocked_sample(a: jax.Array, rate: int) -> jax.Array:

@@ -202,7 +202,7 @@ def top_k(x: jax.Array, k: int, min_fast_n: int = MIN_FAST_N) -> jax.Array:
 
 def largest_above(
     a: jax.Array, threshold: jax.Array, k: int, capacity: int,
-    min_fast_n: int = MIN_FAST_N,
+    min_fast_n: int = MIN_FAST_N, at_least: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Positions of the (at most) k largest `a` among those with a >= threshold.
 
@@ -216,6 +216,9 @@ def largest_above(
       costs recall; selectors aim their thresholds close to k.
     min_fast_n: from this many elements on, the packed path; shorter vectors use
       ``jnp.nonzero`` + ``lax.top_k``.
+    at_least: for exact methods: when fewer than this many pass, or more than
+      `capacity`, the exact k largest of all of `a` are returned instead (a
+      ``lax.cond``: the exact top-k runs only then).
 
   Returns:
     (indices int32[k] padded with n, passed int32[] = number of a >= threshold,
@@ -237,14 +240,17 @@ def largest_above(
       idx = jnp.where(top_scores >= 0, idx[at], n).astype(jnp.int32)
     elif capacity < k:
       idx = jnp.concatenate([idx, jnp.full(k - capacity, n, jnp.int32)])
-    return idx, passed, smallest_sent(a, idx)
-  pos, passed = compact(bits.pack(mask), n, capacity)
-  if capacity > k:
-    keys = jnp.where(pos < n, bits.float_to_key(a.at[pos].get(mode="fill", fill_value=0)), -1)
-    pos = take_largest(keys, pos, k, jnp.int32(0), n)
-  elif capacity < k:
-    pos = jnp.concatenate([pos, jnp.full(k - capacity, n, jnp.int32)])
-  return pos, passed, smallest_sent(a, pos)
+  else:
+    idx, passed = compact(bits.pack(mask), n, capacity)
+    if capacity > k:
+      keys = jnp.where(idx < n, bits.float_to_key(a.at[idx].get(mode="fill", fill_value=0)), -1)
+      idx = take_largest(keys, idx, k, jnp.int32(0), n)
+    elif capacity < k:
+      idx = jnp.concatenate([idx, jnp.full(k - capacity, n, jnp.int32)])
+  if at_least is not None:
+    exact = (passed >= at_least) & (passed <= capacity)
+    idx = jax.lax.cond(exact, lambda: idx, lambda: top_k(a, k, min_fast_n))
+  return idx, passed, smallest_sent(a, idx)
 
 
 def smallest_sent(x: jax.Array, idx: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from hggjax.kernels import bits
+from hggjax.kernels import topk
 from hggjax.payload import Selection
 
 # Threshold methods may let a few more than k through; the k largest of up to
@@ -59,13 +60,39 @@ def no_history() -> jax.Array:
 
 
 def count_and_adjust(a, threshold, k, steps, low, high, down, up,
-                     min_fast_n: int = bits.MIN_FAST_N):
-  """`steps` rounds: scale the threshold while the count is outside [low*k, high*k]."""
+                     min_fast_n: int = bits.MIN_FAST_N, fallback=None):
+  """`steps` rounds: scale the threshold while the count is outside [low*k, high*k].
+
+  Returns (threshold, fallback): the last threshold counted with at least one
+  element passing, or `fallback` (a cut known to pass one) when none did.
+  """
   for _ in range(steps):
     c = bits.count_at_least(a, threshold, min_fast_n)
+    if fallback is not None:
+      fallback = jnp.where(c >= 1, threshold, fallback)
     factor = jnp.where(c < low * k, down, jnp.where(c > high * k, up, 1.0))
     threshold = threshold * factor
-  return threshold
+  return threshold, fallback
+
+
+def largest_above_or(a, threshold, fallback, k, capacity, min_fast_n: int = bits.MIN_FAST_N):
+  """`topk.largest_above` at `threshold`, or at `fallback` when nothing passes the first.
+
+  The second selection runs (under ``lax.cond``) only when the first sent nothing.
+  """
+  first = topk.largest_above(a, threshold, k, capacity, min_fast_n)
+  return jax.lax.cond(first[1] > 0, lambda: first,
+                      lambda: topk.largest_above(a, fallback, k, capacity, min_fast_n))
+
+
+def power_of_two_scale(top: jax.Array) -> jax.Array:
+  """float32[]: 2^-e with 2^e <= top < 2^(e+1) (1 for top 0 or not finite).
+
+  Multiplying by it is exact, so statistics of x * scale, divided back, carry the
+  same bits as statistics of x wherever neither overflows or underflows.
+  """
+  e = jnp.floor(jnp.log2(jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)))
+  return jnp.exp2(-jnp.clip(e, -126, 126)).astype(jnp.float32)
 
 
 def varying_like(tree, *refs):

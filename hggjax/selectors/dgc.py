@@ -7,10 +7,9 @@ import jax.numpy as jnp
 
 from hggjax.kernels.bits import MIN_FAST_N
 from hggjax.kernels.sampling import strided_sample
-from hggjax.kernels.topk import largest_above
 from hggjax.payload import Selection
 from hggjax.selectors.base import (Selector, candidate_capacity, count_and_adjust,
-                                   no_history, stateless)
+                                   largest_above_or, no_history, stateless)
 
 
 def dgc_sampling(
@@ -22,8 +21,9 @@ def dgc_sampling(
   The sample holds max(min_sample, ceil(sample_ratio * n)) positions (all of x
   when n is smaller); the threshold is the ceil(k * m / n)-th largest sampled
   magnitude. `refine_steps` rounds then scale it by 1.3 above 1.3k passing and by
-  0.7 below 0.7k (0 disables the refinement). Counts and the compaction take the
-  packed path from `min_fast_n` elements on.
+  0.7 below 0.7k (0 disables the refinement). When the last correction lets
+  nothing through, the last cut that some passed is used instead. Counts and the
+  compaction take the packed path from `min_fast_n` elements on.
 
   References:
     Lin, Han, Mao, Wang & Dally, `Deep Gradient Compression: Reducing the
@@ -38,9 +38,11 @@ def dgc_sampling(
     sample = a if m == n else a[strided_sample(key, n, m)]
     k_sample = max(1, math.ceil(k * m / n))
     threshold = jnp.min(jax.lax.top_k(sample, k_sample)[0])
-    threshold = count_and_adjust(a, threshold, k, refine_steps, 0.7, 1.3, 0.7, 1.3,
-                                 min_fast_n)
-    idx, passed, cut = largest_above(a, threshold, k, candidate_capacity(n, k), min_fast_n)
+    # The sampled cut lets its own sample through: the fallback if refining overshoots.
+    threshold, fallback = count_and_adjust(a, threshold, k, refine_steps, 0.7, 1.3, 0.7, 1.3,
+                                           min_fast_n, fallback=threshold)
+    idx, passed, cut = largest_above_or(a, threshold, fallback, k, candidate_capacity(n, k),
+                                        min_fast_n)
     return Selection(idx, passed, cut, no_history())
 
   return stateless(select)

@@ -3,7 +3,7 @@
 Steps per selection group, all inside one jitted function:
   1. a = |acc| (acc = gradient + residual, formed by the transform).
   2. History: count a >= the previous step's cut (the carry). Accept that cut
-     when the count is within tol_k = max(1, floor(tolerance * k)) of k.
+     when the count is within tol_k = max(1, floor(tolerance * k)) of k (and not 0).
   3. Otherwise search a histogram. Bins are uniform in u = log1p(gamma * a):
      bin(a) = floor(B * (u(a) - u(lo)) / (u(hi) - u(lo))). With a previous cut the
      range [lo, hi] is a window of +-`window` of the full log range around it (B
@@ -12,8 +12,11 @@ Steps per selection group, all inside one jitted function:
   4. Suffix sums S[i] = #(a in bins >= i) + #(a > hi). A bin edge with
      k <= S[i] <= k + tol_k is taken as the cut; else the cut interpolates inside the
      bin holding the k-th element: lower + width * (1 - k_remain / count) * beta.
-  5. Select a >= cut, keep the k largest (trim). The transform keeps acc - sent
-     as the new residual; the smallest magnitude sent is the next step's carry.
+  5. Select a >= cut, keep the k largest (trim). When the cut passes fewer than
+     max(1, k - tol_k) (ties, or one bin holding most of the vector: the histogram cannot
+     resolve it), the exact k largest are sent instead, so a selection never falls
+     short of its tolerance. The transform keeps acc - sent as the new residual;
+     the smallest magnitude sent is the next step's carry.
 Only one branch of each ``lax.cond`` runs, so an accepted history costs one
 counting pass instead of a histogram.
 
@@ -39,7 +42,8 @@ history, below):
     count misses [k, K]: then a ``lax.cond`` runs the whole-vector histogram.
     max|a| is the largest candidate, so no separate max pass is needed.
   * Step 5 trims among the candidates with an exact radix select (`topk.take_largest`).
-log1p is evaluated on K ~ 1.4k candidates only, never per element of a.
+log1p is evaluated on K ~ 1.4k candidates only, never per element of a, and in
+a form that cannot overflow (gamma * |a| can exceed float32 for |a| > 3.4e38 / gamma).
 """
 
 import math
@@ -60,6 +64,24 @@ class History(NamedTuple):
   cut: jax.Array  # float32[G]: smallest magnitude sent last step; 0 = no step yet
 
 
+# Above this, log1p(y) equals log(y) to float32 precision, and gamma * a may overflow.
+_LOG_BIG = 1e30
+
+
+def _to_log(a, gamma):
+  """u = log1p(gamma * a), without overflow for any finite a >= 0."""
+  big = a * (gamma / _LOG_BIG) > 1.0
+  safe = jnp.where(big, 1.0, a)
+  return jnp.where(big, math.log(gamma) + jnp.log(safe), jnp.log1p(gamma * safe))
+
+
+def _from_log(u, gamma):
+  """a with u = log1p(gamma * a): the inverse of `_to_log` (inf only beyond float32)."""
+  big = u > math.log(_LOG_BIG)
+  return jnp.where(big, jnp.exp(jnp.where(big, u, 0.0) - math.log(gamma)),
+                   jnp.expm1(jnp.where(big, 0.0, u)) / gamma)
+
+
 def _histogram_cut(a, k, lo, hi, num_bins, gamma, beta, tol_k, floor=None):
   """(cut float32[], ok bool[], exact bool[]): the histogram estimate of the k-th largest a.
 
@@ -70,9 +92,9 @@ def _histogram_cut(a, k, lo, hi, num_bins, gamma, beta, tol_k, floor=None):
   counted): suffix sums at edges >= floor are then exact, and exact says whether
   the cut only used those (else the caller must redo the search on everything).
   """
-  u_lo, u_hi = jnp.log1p(gamma * lo), jnp.log1p(gamma * hi)
+  u_lo, u_hi = _to_log(lo, gamma), _to_log(hi, gamma)
   span = jnp.maximum(u_hi - u_lo, jnp.finfo(jnp.float32).tiny)
-  b = jnp.floor((jnp.log1p(gamma * a) - u_lo) * (num_bins / span)).astype(jnp.int32)
+  b = jnp.floor((_to_log(a, gamma) - u_lo) * (num_bins / span)).astype(jnp.int32)
   b = jnp.clip(b, 0, num_bins - 1)
   # Slot num_bins counts "above hi"; slot num_bins + 1 is out of range (dropped):
   # below lo, or zero (zeros are never sent).
@@ -82,7 +104,7 @@ def _histogram_cut(a, k, lo, hi, num_bins, gamma, beta, tol_k, floor=None):
   ok = (suffix[num_bins] < k) & (suffix[0] >= k)
 
   def edge(i):
-    return jnp.expm1(u_lo + i.astype(jnp.float32) * (span / num_bins)) / gamma
+    return _from_log(u_lo + i.astype(jnp.float32) * (span / num_bins), gamma)
 
   # A bin edge passing k to k + tol_k is an exact cut: no interpolation error, and
   # the trim sends exactly the k largest. Edges below k are not taken: the
@@ -113,9 +135,9 @@ def _search(a, k, top, prev_threshold, num_bins, gamma, beta, tol_k, window, flo
     return cut, exact
 
   def window_search():
-    u_prev, u_top = jnp.log1p(gamma * prev_threshold), jnp.log1p(gamma * top)
-    lo = jnp.expm1(jnp.maximum(u_prev - window * u_top, 0.0)) / gamma
-    hi = jnp.expm1(jnp.minimum(u_prev + window * u_top, u_top)) / gamma
+    u_prev, u_top = _to_log(prev_threshold, gamma), _to_log(top, gamma)
+    lo = _from_log(jnp.maximum(u_prev - window * u_top, 0.0), gamma)
+    hi = _from_log(jnp.minimum(u_prev + window * u_top, u_top), gamma)
     cut, ok, exact = _histogram_cut(a, k, lo, hi, num_bins, gamma, beta, tol_k, floor)
     return jax.lax.cond(ok, lambda: (cut, exact), full_search)
 
@@ -148,15 +170,19 @@ def hgg_topk(
     tol_k = max(1, math.floor(tolerance * k))
     # Step 2: history.
     known = prev_threshold > 0
-    hit = known & (jnp.abs(bits.count_at_least(a, prev_threshold) - k) <= tol_k)
+    count = bits.count_at_least(a, prev_threshold)
+    hit = known & (jnp.abs(count - k) <= tol_k) & (count >= 1)
 
     def search():
       return _search(a, k, top, prev_threshold, num_bins, gamma, beta, tol_k, window)[0]
 
     # Steps 3-4: histogram search, unless the history was accepted.
     cut = jax.lax.cond(hit, lambda: prev_threshold, search)
-    # Step 5: select and trim.
-    idx, passed, sent_cut = topk_kernels.largest_above(a, cut, k, candidate_capacity(n, k))
+    # Step 5: select and trim. A cut that passes fewer than k - tol_k (the histogram
+    # cannot resolve ties or a bin holding most of the vector) or more than the
+    # candidates kept gives way to the exact top-k.
+    idx, passed, sent_cut = topk_kernels.largest_above(
+        a, cut, k, candidate_capacity(n, k), at_least=max(1, k - tol_k))
     return Selection(idx, passed, sent_cut, hit)
 
   def fast(x, k, prev_threshold):
@@ -182,7 +208,7 @@ def hgg_topk(
     first = jax.lax.cond(plausible, lambda: prev_threshold, low_cut)
     words = bits.pack(jnp.abs(x) >= first)
     count = jnp.sum(bits.popcounts(words))
-    hit = plausible & (jnp.abs(count - k) <= tol_k)
+    hit = plausible & (jnp.abs(count - k) <= tol_k) & (count >= 1)
     count = jnp.where(plausible, count, -1)
 
     def second_pass():
@@ -207,11 +233,13 @@ def hgg_topk(
     passed = jnp.where(hit, count, jnp.sum(a >= cut, dtype=jnp.int32))
 
     def finish():
-      # Step 5: the k largest of the candidates >= cut.
+      # Step 5: the k largest of the candidates >= cut; all candidates compete when
+      # the cut passes fewer than k - tol_k (ties, or a bin holding most of them).
       # An accepted history passing at most k needs no trim: its candidates are it.
+      floor_key = jnp.where(passed >= max(1, k - tol_k), bits.float_to_key(cut), 0)
       idx = jax.lax.cond(
           hit & (count <= k), lambda: pos[:k],
-          lambda: topk_kernels.take_largest(keys, pos, k, bits.float_to_key(cut), n))
+          lambda: topk_kernels.take_largest(keys, pos, k, floor_key, n))
       return Selection(idx, passed, topk_kernels.smallest_sent(x, idx), hit)
 
     # A sample that missed, or a cut in a bin straddling the low cut: the search on

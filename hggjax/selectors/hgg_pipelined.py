@@ -22,8 +22,7 @@ Steps per group, one jitted function, no host sync, no data-dependent loop:
      edge (or a cold start): a second pass packs |acc| >= a low cut from a larger
      sample (`sampling.low_cut`: between k and K pass, 5 sigma), and the k largest
      of those are kept, exactly the top k. Path 3 flags the rare step where that
-     sample missed: the k largest of the first K candidates (`topk.compact`'s
-     order), or all of them when fewer than k passed.
+     sample missed: the exact top-k of the whole vector is taken (`topk.top_k`).
      One ``lax.switch`` picks the path; only the taken branch runs under jit.
   4. The next carry: the k-th largest estimate (the cut sent on paths 1-2,
      the log-log crossing of k between the fine edges on path 0) and the slope
@@ -64,7 +63,7 @@ class PipelineCarry(NamedTuple):
   slope: jax.Array   # float32[G]: -d ln(count)/d ln(threshold) near it, from the last pass; 0 = unknown
   path: jax.Array    # int32[G]: how the last step selected: 0 one pass, 1 one pass + trim,
                      # 2 second pass (fallback, or cold start), 3 second pass whose
-                     # sample missed (best effort); -1 = no step yet
+                     # sample missed (exact top-k of the whole vector); -1 = no step yet
 
 
 class PipelinePlan(NamedTuple):
@@ -109,6 +108,13 @@ def crossing(edges: jax.Array, counts: jax.Array, target, slope: jax.Array) -> j
   lower = le[0] + (lc[0] - lt) / slope        # every edge passes fewer: go lower
   higher = le[last] + (lc[last] - lt) / slope  # every edge passes more: go higher
   return jnp.exp(jnp.where(i < 0, lower, jnp.where(i >= last, higher, inside)))
+
+
+def _finite(t: jax.Array) -> jax.Array:
+  """Thresholds held inside the positive normal float32 range: probes and edges
+  scaled from a cut near 3.4e38 or 1e-38 must neither overflow nor reach 0."""
+  info = jnp.finfo(jnp.float32)
+  return jnp.clip(jnp.where(jnp.isnan(t), info.max, t), info.tiny, info.max)
 
 
 def _measured_slope(edges: jax.Array, counts: jax.Array, old: jax.Array) -> jax.Array:
@@ -159,19 +165,23 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = MIN_FAST_N) ->
         return (*exact, *varying_like((jnp.int32(k), jnp.bool_(False)), x))
       low, cap2 = sampling.low_cut(x, k)
       pos, keys, count = topk_kernels.candidates(x, low, cap2)
-      idx, cut = with_cut(topk_kernels.take_largest(keys, pos, k, jnp.int32(0), n))
-      return idx, cut, count, (count < k) | (count > cap2)
+      missed = (count < k) | (count > cap2)
+      # A sample that missed (rare) gives way to the exact top-k of the whole vector.
+      idx = jax.lax.cond(missed, lambda: topk_kernels.top_k(x, k, min_fast_n),
+                         lambda: topk_kernels.take_largest(keys, pos, k, jnp.int32(0), n))
+      idx, cut = with_cut(idx)
+      return idx, cut, count, missed
 
     def estimate():
       """Step 1: the carried threshold corrected on the sample (two probe rounds)."""
       s = jnp.abs(sampling.blocked_sample(x, p.rate) if fast else x)
       m = s.shape[0]
       target = k * m / n
-      probes = carry.center * jnp.exp(-jnp.asarray(COARSE, jnp.float32) / slope)
+      probes = _finite(carry.center * jnp.exp(-jnp.asarray(COARSE, jnp.float32) / slope))
       counts = bits.count_many(s, probes)
-      est = crossing(probes, counts, target, slope)
-      probes = est * jnp.exp(-jnp.asarray(FINE, jnp.float32) / slope)
-      est = crossing(probes, bits.count_many(s, probes), target, slope)
+      est = _finite(crossing(probes, counts, target, slope))
+      probes = _finite(est * jnp.exp(-jnp.asarray(FINE, jnp.float32) / slope))
+      est = _finite(crossing(probes, bits.count_many(s, probes), target, slope))
       # The carried threshold stays when the sample cannot tell it from the truth
       # (its count within 2 binomial sd of target): on a slowly changing gradient
       # it is far more precise than the sample.
@@ -182,7 +192,7 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = MIN_FAST_N) ->
     def warm():
       # Step 2: one pass packs everything >= the low edge; the candidates' counts
       # at EDGES thresholds, then EDGES more between the two around k.
-      edges = estimate() * jnp.exp(-jnp.asarray(p.offsets, jnp.float32) / slope)
+      edges = _finite(estimate() * jnp.exp(-jnp.asarray(p.offsets, jnp.float32) / slope))
       mask = jnp.abs(x) >= edges[0]
       if fast:
         pos, count = topk_kernels.compact(bits.pack(mask), n, p.cap)
@@ -193,7 +203,7 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = MIN_FAST_N) ->
       i = jnp.sum(counts >= k, dtype=jnp.int32) - 1  # highest edge passing >= k
       below = edges[jnp.clip(i, 0, EDGES - 1)]
       above = jnp.where(i + 1 < EDGES, edges[jnp.clip(i + 1, 0, EDGES - 1)], jnp.max(values))
-      fine = below * (above / below) ** jnp.linspace(0.0, 1.0, EDGES, dtype=jnp.float32)
+      fine = _finite(below * (above / below) ** jnp.linspace(0.0, 1.0, EDGES, dtype=jnp.float32))
       fine_counts = bits.count_many(values, fine)
       # Step 3: the path.
       cuts = jnp.concatenate([edges, fine])
@@ -218,7 +228,7 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = MIN_FAST_N) ->
       # Step 4: the next carry. Paths 1-2 sent the largest (k of them on path 1),
       # so their cut is the k-th largest or next to it; path 0 interpolates it
       # between the fine edges.
-      center = jnp.where(path == 0, crossing(fine, fine_counts, k, slope), cut)
+      center = jnp.where(path == 0, _finite(crossing(fine, fine_counts, k, slope)), cut)
       return idx, cut, passed, path, center, _measured_slope(edges, counts, slope)
 
     def cold():

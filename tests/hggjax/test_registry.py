@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import hggjax
@@ -67,10 +69,13 @@ def test_none_accepts_and_checks_density():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"num_bins": 1}, r"num_bins must be an integer >= 2"),
-    ({"num_bins": 2.5}, r"num_bins must be an integer >= 2"),
-    ({"gamma": 0.0}, r"gamma must be a number > 0"),
-    ({"gamma": -1.0}, r"gamma must be a number > 0"),
+    ({"num_bins": 1}, r"num_bins must be an integer in \[2, 1048576\]"),
+    ({"num_bins": 2.5}, r"num_bins must be an integer in \[2, 1048576\]"),
+    ({"num_bins": 1 << 21}, r"num_bins must be an integer in \[2, 1048576\]"),
+    ({"gamma": 0.0}, r"gamma must be a finite number > 0"),
+    ({"gamma": -1.0}, r"gamma must be a finite number > 0"),
+    ({"gamma": float("inf")}, r"gamma must be a finite number > 0"),
+    ({"gamma": float("nan")}, r"gamma must be a finite number > 0"),
     ({"tolerance": 0.0}, r"tolerance must be a float in \(0, 1\]"),
     ({"tolerance": 1.5}, r"tolerance must be a float in \(0, 1\]"),
     ({"beta": 0.0}, r"beta must be a float in \(0, 1\]"),
@@ -92,6 +97,9 @@ def test_hggtopk_defaults_are_hggtopks_published_ones():
     ({"scope": "layer"}, r"scope must be one of \('leaf', 'global'\)"),
     ({"min_size": -1}, r"min_size must be an integer >= 0"),
     ({"axis_name": 3}, r"axis_name must be None"),
+    ({"axis_name": ""}, r"axis_name must be None .* non-empty string"),
+    ({"key": "seed"}, r"key must be an integer seed or a JAX PRNG key"),
+    ({"key": 1.5}, r"key must be an integer seed or a JAX PRNG key"),
     ({"axis": "data"}, r"unknown option\(s\) \['axis'\]"),
 ])
 def test_shared_options_are_validated(kwargs, match):
@@ -100,11 +108,14 @@ def test_shared_options_are_validated(kwargs, match):
 
 
 @pytest.mark.parametrize("name,kwargs,match", [
-    ("gaussian", {"refine_steps": -1}, "refine_steps must be an integer >= 0"),
+    ("gaussian", {"refine_steps": -1}, r"refine_steps must be an integer in \[0, 64\]"),
+    ("gaussian2", {"refine_steps": 65}, r"refine_steps must be an integer in \[0, 64\]"),
+    ("dgcsampling", {"refine_steps": 100}, r"refine_steps must be an integer in \[0, 64\]"),
     ("dgcsampling", {"sample_ratio": 0.0}, r"sample_ratio must be a float in \(0, 1\]"),
     ("dgcsampling", {"min_sample": 0}, "min_sample must be an integer >= 1"),
-    ("redsync", {"search_steps": 0}, "search_steps must be an integer >= 1"),
-    ("redsynctrim", {"trim_steps": 0}, "trim_steps must be an integer >= 1"),
+    ("redsync", {"search_steps": 0}, r"search_steps must be an integer in \[1, 64\]"),
+    ("redsync", {"search_steps": 3000}, r"search_steps must be an integer in \[1, 64\]"),
+    ("redsynctrim", {"trim_steps": 0}, r"trim_steps must be an integer in \[1, 64\]"),
 ])
 def test_method_knobs_are_validated(name, kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -125,3 +136,15 @@ def test_importing_hggjax_stays_lean():
           "'train', 'matplotlib', 'orbax'} & set(sys.modules); print(sorted(heavy))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("key", [3, np.int64(3), np.uint32(3), jax.random.PRNGKey(3),
+                                 jax.random.key(3)])
+def test_any_integer_like_seed_or_prng_key_is_accepted(key):
+  tx = hggjax.randomk(0.5, key=key)
+  g = {"w": jnp.arange(1.0, 9.0)}
+  out, state = jax.jit(tx.update)(g, tx.init(g))
+  assert int(hggjax.stats(state)["selected"]) == 4
+  if not isinstance(key, jax.Array) or not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    ref = hggjax.randomk(0.5, key=3)
+    np.testing.assert_array_equal(out["w"], jax.jit(ref.update)(g, ref.init(g))[0]["w"])
