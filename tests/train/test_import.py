@@ -1,5 +1,5 @@
-"""Import boundaries: `import train` and its config stay light; TF/TFDS load only on the
-CIFAR path."""
+"""Import boundaries: `import train`, its config and the run reader stay light; TF/TFDS
+load only on the CIFAR path."""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ def _modules_after(code):
 
 
 def test_import_train_is_light():
-  mods = _modules_after("import train, train.config")
+  mods = _modules_after("import train, train.config, train.report.reader, train.report.summary")
   assert not {"jax", "flax", "orbax", "tensorflow", "tensorflow_datasets"} & mods
 
 

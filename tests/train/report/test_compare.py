@@ -7,7 +7,7 @@ import os
 import pytest
 
 from train import cli as train_cli
-from train import compare, compare_runs, plot
+from train.report import compare, plot, reader
 from train.errors import UsageError
 
 # Tiny runs: the synthetic dataset given in-process (8x8 images), 2 steps on 2 devices,
@@ -61,11 +61,16 @@ def test_tiny_sweep_then_rerun_skips_then_plots(tmp_path, tiny_dataset):
 
   # The charts read what the harness really wrote (all six are drawn in test_plot.py; the
   # curves vs wall time use the most of the schema: steps, rates, batch size, eval lines).
-  series, subtitle = plot.setup(compare_runs.load_runs(root))
+  series, subtitle = plot.setup(reader.load_runs(root))
   assert [s.label for s in series] == ["none (dense)", "topk@0.1"]
   path = plot.curves(series, subtitle, str(tmp_path / "png"),
-                     lambda s: compare_runs.train_wall_s(s.run), "time (s)", "t.png")
+                     lambda s: reader.train_wall_s(s.run), "time (s)", "t.png")
   assert os.path.getsize(path) > 5_000
+
+
+def test_python_m_train_compare_is_this_sweep():
+  import train.compare  # pylint: disable=import-outside-toplevel
+  assert train.compare.main is compare.main
 
 
 def test_plan_names_defaults_and_recorded_command(tmp_path):
