@@ -53,7 +53,7 @@ class Planned(NamedTuple):
   """One run of the comparison."""
   name: str            # directory name under the log dir
   argv: list[str]      # the `python -m train.cifar` flags that reproduce it
-  config: Config       # what those flags resolve to (plus test-only overrides)
+  config: Config       # what those flags resolve to
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,13 +95,9 @@ def _densities(text: str) -> list[float]:
 
 
 def plan(compressors: list[str], densities: list[float], train_args: list[str], log_root: str,
-         *, checkpoint: bool = False, overrides: dict[str, Any] | None = None) -> list[Planned]:
+         *, checkpoint: bool = False) -> list[Planned]:
   """The runs of a comparison, each resolved by train.cifar's own parser and checked as
-  train.cifar checks it.
-
-  `overrides`: Config fields set without a flag (tests: eval batch size, timing
-  repetitions); they are in each run's config.json but not in its argv.
-  """
+  train.cifar checks it."""
   given = vars(train_cli.build_parser().parse_args(train_args))
   for field, own in _OWN_FLAGS.items():
     if field in given:
@@ -123,7 +119,6 @@ def plan(compressors: list[str], densities: list[float], train_args: list[str], 
       argv = base + ["--compressor", c, "--density", f"{d:g}",
                      "--log-dir", os.path.join(log_root, name)]
       cfg, _ = train_cli.resolve(train_cli.build_parser().parse_args(argv))
-      cfg = dataclasses.replace(cfg, **(overrides or {}))
       train_cli.check(cfg)
       runs.append(Planned(name, argv, cfg))
   return runs
