@@ -27,7 +27,7 @@ steps 1..T-1 (step 0 is a cold start for both). Quality per step: count/k
 (valid indices sent / k) and recall (share of the exact top-k among them), and
 for the pipeline the path taken (0 one pass, 1 one pass + trim, 2 second pass).
 
-Train step: `train.train`'s jit(shard_map) step of the harness CNN on synthetic
+Train step: `train.steps`'s jit(shard_map) step of the harness CNN on synthetic
 data over all local devices (4 fake CPU devices on a CPU host), hggtopk with and
 without pipeline, interleaved step by step, median of `--train-steps` timed steps each.
 
@@ -219,26 +219,27 @@ def parts(n: int, density: float, reps: int) -> dict:
 def train_step_times(steps: int, seed: int = 0) -> dict:
   """Median ms of the harness's jit(shard_map) train step, hggtopk with and without pipeline."""
   from train import data as data_lib  # pylint: disable=import-outside-toplevel
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from train import steps as steps_lib  # pylint: disable=import-outside-toplevel
   from train.config import Config  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   ds = data_lib.load_dataset("synthetic", None, synthetic_size=512)
   devices = jax.device_count()
   batch = 16 * devices
-  mesh = train_lib.make_mesh(devices)
+  mesh = mesh_lib.make_mesh(devices)
   runs = {}
   for pipeline in (False, True):
     cfg = Config(dataset="synthetic", batch_size=batch, use_pipeline=pipeline, seed=seed)
-    state = train_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, steps)
-    runs[pipeline] = [state, train_lib.make_train_step(state)]
-  sharding = NamedSharding(mesh, P(train_lib.AXIS))
+    state = steps_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, steps)
+    runs[pipeline] = [state, steps_lib.make_train_step(state)]
+  sharding = NamedSharding(mesh, P(mesh_lib.AXIS))
   images, labels = jax.device_put(data_lib.train_batch(ds, 0, batch, seed, False), sharding)
   times = {False: [], True: []}
   for step in range(steps + 1):  # step 0 compiles
     for pipeline, run in runs.items():
       start = time.perf_counter()
-      run[0], metrics = train_lib.train_step(run[0], run[1], images, labels)
+      run[0], metrics = steps_lib.train_step(run[0], run[1], images, labels)
       jax.block_until_ready((run[0].params, metrics))
       if step:
         times[pipeline].append(time.perf_counter() - start)
@@ -256,7 +257,8 @@ def training_paths(steps: int, dataset: str = "fashion_mnist") -> dict:
   took each path and each device's selected / k.
   """
   from train import data as data_lib  # pylint: disable=import-outside-toplevel
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from train import steps as steps_lib  # pylint: disable=import-outside-toplevel
   from train.config import Config  # pylint: disable=import-outside-toplevel
   import hggjax  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
@@ -264,15 +266,15 @@ def training_paths(steps: int, dataset: str = "fashion_mnist") -> dict:
   cfg = Config(dataset=dataset, use_pipeline=True)
   ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
   devices = jax.device_count()
-  mesh = train_lib.make_mesh(devices)
+  mesh = mesh_lib.make_mesh(devices)
   total = steps or cfg.epochs * data_lib.steps_per_epoch(ds, cfg.batch_size)
-  state = train_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, total)
-  step_fn = train_lib.make_train_step(state)
-  sharding = NamedSharding(mesh, P(train_lib.AXIS))
+  state = steps_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, total)
+  step_fn = steps_lib.make_train_step(state)
+  sharding = NamedSharding(mesh, P(mesh_lib.AXIS))
   paths, ratios, centers = [], [], []
   for step in range(total):
     batch = jax.device_put(data_lib.train_batch(ds, step, cfg.batch_size, cfg.seed, False), sharding)
-    state, _ = train_lib.train_step(state, step_fn, *batch)
+    state, _ = steps_lib.train_step(state, step_fn, *batch)
     s = hggjax.compression_state(state.opt_state)
     paths.append(np.bincount(np.asarray(s.carry.path).ravel(), minlength=4)[:4])
     ratios.append(np.asarray(s.stats.selected) / np.asarray(s.stats.k))
@@ -292,17 +294,18 @@ def training_paths(steps: int, dataset: str = "fashion_mnist") -> dict:
 def overlap_report(path: str) -> dict:
   """Compiles the pipelined harness step, writes its HLO to `path`, and reads the all-gathers."""
   from train import data as data_lib  # pylint: disable=import-outside-toplevel
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from train import steps as steps_lib  # pylint: disable=import-outside-toplevel
   from train.config import Config  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   ds = data_lib.load_dataset("synthetic", None, synthetic_size=64)
   devices = jax.device_count()
-  mesh = train_lib.make_mesh(devices)
+  mesh = mesh_lib.make_mesh(devices)
   cfg = Config(dataset="synthetic", batch_size=16 * devices, use_pipeline=True)
-  state = train_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, 10)
-  step = train_lib.make_train_step(state)
-  sharding = NamedSharding(mesh, P(train_lib.AXIS))
+  state = steps_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, 10)
+  step = steps_lib.make_train_step(state)
+  sharding = NamedSharding(mesh, P(mesh_lib.AXIS))
   images, labels = jax.device_put(data_lib.train_batch(ds, 0, cfg.batch_size, 0, False), sharding)
   hlo = step.lower(state.params, state.batch_stats, state.opt_state, images, labels).compile().as_text()
   with open(path, "w") as f:

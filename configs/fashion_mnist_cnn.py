@@ -7,5 +7,6 @@ from train.config import Config
 
 
 def get_config() -> Config:
-  return Config(model="cnn", dataset="fashion_mnist", epochs=3, batch_size=64, lr=0.05,
-                compressor="hggtopk", density=0.01, devices=4, seed=0)
+  cfg = Config()  # the embedded default is the main job
+  cfg.devices = 4  # 4 devices on any host, not only as the CPU default
+  return cfg

@@ -13,41 +13,74 @@ from typing import Any
 
 from train.errors import UsageError
 
-
-@dataclasses.dataclass
-class Config:
-  """Everything a run depends on. The default is the README's main job."""
-  model: str = "cnn"
-  dataset: str = "fashion_mnist"
-  epochs: int = 3
-  steps: int | None = None        # total optimizer steps; overrides epochs when set
-  batch_size: int = 64            # global batch, split over the devices
-  lr: float = 0.05
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  compressor: str = "hggtopk"
-  density: float = 0.01
-  min_size: int = 1000            # leaves with fewer elements go dense (hggjax option)
-  momentum_correction: bool = True  # momentum inside the compressor (see make_optimizer)
-  use_pipeline: bool = False
-  data_dir: str | None = None
-  log_dir: str | None = None      # the run's own directory; default logs/<name>-<time>
-  devices: int | None = None      # None: all local accelerators, or 4 fake CPU devices
-  seed: int = 0
-  eval_every: int = 1             # epochs between test-set evaluations (and at the end)
-  log_every: int = 50             # steps between metrics.jsonl lines
-  eval_batch_size: int = 1000
-  augment: bool | None = None     # None: the dataset's default (CIFAR yes, others no)
-  checkpoint: bool = True
-  profile: bool = True            # time-breakdown pass after training
-  profile_reps: int = 20
-  synthetic_size: int = 256       # train/test examples of the synthetic (test) dataset
-
-
-FIELDS = {f.name for f in dataclasses.fields(Config)}
 # The keys of train.models.MODELS, here so the CLI can reject a name without importing
 # flax (a test keeps the two in step).
 MODEL_NAMES = ("cnn", "mobilenetv2", "resnet18", "resnet50", "vgg11", "vgg16")
+# Fake CPU devices when `devices` is None on a host without accelerators.
+CPU_DEFAULT_DEVICES = 4
+
+
+def _field(default: Any, doc: str) -> Any:
+  """A Config field with its command-line help."""
+  return dataclasses.field(default=default, metadata={"help": doc})
+
+
+@dataclasses.dataclass
+class Config:
+  """Everything a run depends on. The default is the README's main job.
+
+  Every field is a flag of `python -m train.cifar` (`batch_size` is `--batch-size`,
+  booleans also take `--no-...`); its metadata["help"] is the flag's help, to which the
+  CLI adds the default unless it is None (then the help says what None means).
+  """
+  model: str = _field("cnn", "model: one of " + ", ".join(MODEL_NAMES))
+  dataset: str = _field("fashion_mnist", "fashion_mnist (offline, Debian package), cifar10, "
+                        "cifar100 or synthetic (tests)")
+  epochs: int = _field(3, "training epochs")
+  steps: int | None = _field(None, "total optimizer steps, overriding --epochs; the LR "
+                             "schedule scales to it (default: epochs x steps per epoch)")
+  batch_size: int = _field(64, "global batch size, split over the devices (divisible by "
+                           "their count)")
+  lr: float = _field(0.05, "initial learning rate of SGD, x0.1 at 50% and 75% of the steps")
+  momentum: float = _field(0.9, "SGD momentum; with --momentum-correction each device "
+                           "keeps it inside the compressor")
+  weight_decay: float = _field(5e-4, "weight decay added to the gradient")
+  compressor: str = _field("hggtopk", "hggjax compressor")  # names: hggjax.compressors
+  density: float = _field(0.01, "share of gradient elements sent per leaf, in (0, 1]")
+  min_size: int = _field(1000, "parameter leaves with fewer elements are exchanged dense "
+                         "(hggjax's min_size option; 0 compresses every leaf)")
+  momentum_correction: bool = _field(
+      True, "keep each device's momentum inside the compressor and compress it (DGC's "
+      "momentum correction, hggjax's momentum option) instead of applying momentum to the "
+      "exchanged mean")
+  use_pipeline: bool = _field(
+      False, "hggtopk only: select each leaf in one pass from the previous step's "
+      "threshold, with one exchange per leaf (docs/pipeline.md); other compressors exit "
+      "with an error")
+  data_dir: str | None = _field(
+      None, "fashion_mnist: directory with the four IDX files (default "
+      "/usr/share/datasets/fashion-mnist); cifar: a directory holding the standard archive "
+      "(cifar-10-binary.tar.gz or -python.tar.gz) or a prepared tensorflow-datasets "
+      "directory")
+  log_dir: str | None = _field(
+      None, "this run's directory for argv, config, metrics.jsonl, timing, checkpoints "
+      "(default: logs/<dataset>-<model>-<compressor>-d<density>-s<seed>-<time>)")
+  devices: int | None = _field(
+      None, "devices on the data axis (default: all local accelerators; on a CPU-only host "
+      f"{CPU_DEFAULT_DEVICES} fake CPU devices, and --devices N makes N of them)")
+  seed: int = _field(0, "seed of the model init, data order and augmentation")
+  eval_every: int = _field(1, "evaluate on the test set every N epochs, and always at the end")
+  log_every: int = _field(50, "steps between metrics.jsonl lines and progress lines")
+  eval_batch_size: int = _field(1000, "test-set batch size, divisible by the device count")
+  augment: bool | None = _field(None, "random crop (pad 4) and horizontal flip (default: on "
+                                "for CIFAR, off otherwise)")
+  checkpoint: bool = _field(True, "orbax checkpoints every epoch and at the end")
+  profile: bool = _field(True, "the time-breakdown pass after training (timing.json)")
+  profile_reps: int = _field(20, "timed rounds of the time breakdown (their median is kept)")
+  synthetic_size: int = _field(256, "train and test examples of the synthetic dataset")
+
+
+FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 
 def load_config_file(path: str) -> Config:

@@ -260,7 +260,7 @@ def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.nd
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
-  return len(ds.train_labels) // batch_size  # drop the ragged tail, like the seed's loader
+  return len(ds.train_labels) // batch_size  # drop the ragged tail: every step is a full batch
 
 
 def train_batch(ds: Dataset, step: int, batch_size: int, seed: int,

@@ -12,9 +12,12 @@ import numpy as np
 
 from train import checkpoint
 from train import data as data_lib
+from train import diagnostics
 from train import logs
+from train import mesh as mesh_lib
+from train import optim
 from train import profile
-from train import train as train_lib
+from train import steps
 from train.config import Config, check_divisible
 from train.errors import UsageError
 
@@ -67,8 +70,8 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
     cfg = dataclasses.replace(cfg, log_dir=logs.default_run_dir(cfg))
   log = logs.RunLog(cfg.log_dir, stream)
 
-  mesh = train_lib.make_mesh(n_dev)
-  state = train_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, total)
+  mesh = mesh_lib.make_mesh(n_dev)
+  state = steps.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, total)
   checkpoint_dir = checkpoint_dir or os.path.join(cfg.log_dir, "checkpoints")
   mngr = checkpoint.manager(checkpoint_dir) if cfg.checkpoint else None
   if resume:
@@ -80,20 +83,20 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
     log.line(f"resumed from step {last}")
   log.write_run_info(argv or [], cfg)
 
-  step_fn = train_lib.make_train_step(state)
-  eval_fn = train_lib.make_eval_step(state)
-  leaf_index, leaf_group, leaf_path = train_lib.largest_leaf(state.params, cfg.min_size)
+  step_fn = steps.make_train_step(state)
+  eval_fn = steps.make_eval_step(state)
+  leaf_index, leaf_group, leaf_path = diagnostics.largest_leaf(state.params, cfg.min_size)
   probe_fn = None
   if cfg.compressor != "none":
-    probe_fn = train_lib.make_threshold_probe(state, leaf_index, cfg)
-  rows = train_lib.process_rows(mesh, cfg.batch_size)  # this process feeds only these rows
-  schedule = train_lib.lr_schedule(cfg, total)
+    probe_fn = diagnostics.make_threshold_probe(state, leaf_index, cfg)
+  rows = mesh_lib.process_rows(mesh, cfg.batch_size)  # this process feeds only these rows
+  schedule = optim.lr_schedule(cfg, total)
   log.line(f"{cfg.dataset} {cfg.model} {cfg.compressor}@{cfg.density:g} on {n_dev} "
            f"{jax.devices()[0].platform} devices: {total} steps ({spe}/epoch), "
            f"batch {cfg.batch_size}, log dir {cfg.log_dir}")
 
   def evaluate(epoch: float) -> dict[str, Any]:
-    result = train_lib.eval_step(state, eval_fn, ds, cfg.eval_batch_size)
+    result = steps.eval_step(state, eval_fn, ds, cfg.eval_batch_size)
     log.record({"kind": "eval", "step": state.step, "epoch": epoch, **result})
     log.line(f"eval step {state.step} epoch {epoch:g}: test accuracy "
              f"{100 * result['test_accuracy']:.2f}% loss {result['test_loss']:.4f}")
@@ -107,14 +110,14 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
   t_start = time.perf_counter()
   while state.step < end:
     step = state.step
-    images, labels = train_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
+    images, labels = mesh_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
         ds, step, cfg.batch_size, cfg.seed, do_augment, rows=rows))
     log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end
     exact = None
     if log_now and probe_fn is not None:
       exact = probe_fn(state.params, state.batch_stats, state.opt_state, images, labels)
     t0 = time.perf_counter()
-    state, metrics = train_lib.train_step(state, step_fn, images, labels)
+    state, metrics = steps.train_step(state, step_fn, images, labels)
     if compile_s is None:
       jax.block_until_ready(metrics)
       compile_s = time.perf_counter() - t0  # first step: compilation plus one step
@@ -126,7 +129,7 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
       now = time.perf_counter()
       rate = samples_since / (now - t_mark - paused) if samples_since else None
       t_mark, samples_since, paused = now, 0, 0.0
-      last_stats = train_lib.compressor_stats(state.opt_state, leaf_group)
+      last_stats = diagnostics.compressor_stats(state.opt_state, leaf_group)
       thr = last_stats.pop("_threshold", None)
       rel_err = None
       if exact is not None and thr is not None:
@@ -164,7 +167,7 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
 
   timing = None
   if cfg.profile and state.step == total:
-    batch = train_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
+    batch = mesh_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
         ds, 0, cfg.batch_size, cfg.seed, do_augment, rows=rows))
     timing = profile.time_breakdown(state, cfg, batch, step_fn, reps=cfg.profile_reps)
     log.write_json("timing.json", timing)

@@ -124,7 +124,7 @@ class Bottleneck(nnx.Module):
 
 
 class ResNet(nnx.Module):
-  """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool (the seed's kuangliu layout)."""
+  """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool (kuangliu/pytorch-cifar's layout)."""
 
   def __init__(self, block, layers: Sequence[int], num_classes: int, in_channels: int,
                image_size: int, *, axis_name: str | None, rngs: nnx.Rngs):
@@ -202,7 +202,7 @@ class InvertedResidual(nnx.Module):
 
 
 # (expansion, out_channels, num_blocks, stride); strides of the first two stages are 1
-# for 32x32 inputs, as in the seed's CIFAR MobileNetV2.
+# for 32x32 inputs, as in kuangliu/pytorch-cifar's CIFAR MobileNetV2.
 _MBV2_CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 

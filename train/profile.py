@@ -7,9 +7,10 @@ compiled and run once before timing, and each timed call ends in
 - step:      the real train step (gradient, compression, exchange, optimizer), on a copy
              of the state (it is donated), each call continuing from the last.
 - compute:   per-device forward + backward only (BatchNorm statistics still pmean'd).
-- selection: the compressor with `axis_name=None` (local compress + decompress, no
-             collective) on that step's gradients; its state is fed forward between
-             calls so history-based methods run warm.
+- selection: the trained compressor built with `axis_name=None` (local compress +
+             decompress, no collective) on that step's gradients as the compressor
+             receives them; its state is fed forward between calls so history-based
+             methods run warm.
 - exchange_and_update: step - compute - selection, i.e. the collective exchange plus the
              optimizer; derived, so it carries the noise of all three measurements.
 - dense_allreduce: a `pmean` of the full gradients, for comparison with a dense exchange.
@@ -22,15 +23,14 @@ import statistics
 import time
 from typing import Any
 
-import hggjax
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train import train as train_lib
-
-AXIS = train_lib.AXIS
+from train import optim
+from train.mesh import AXIS
+from train.steps import TrainState, local_grads, make_train_step
 
 
 def interleaved_medians(pieces: dict[str, tuple], reps: int) -> dict[str, float]:
@@ -59,22 +59,22 @@ def interleaved_medians(pieces: dict[str, tuple], reps: int) -> dict[str, float]
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def time_breakdown(state: train_lib.TrainState, cfg, batch, step_fn=None,
+def time_breakdown(state: TrainState, cfg, batch, step_fn=None,
                    reps: int = 5) -> dict[str, Any]:
   """Seconds per piece of one step on `batch` (see the module docstring)."""
   mesh, graphdef = state.mesh, state.graphdef
   n_dev = mesh.shape[AXIS]
   images, labels = batch
-  step_fn = step_fn or train_lib.make_train_step(state)
+  step_fn = step_fn or make_train_step(state)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
                      out_specs=P(AXIS))
   def compute(params, batch_stats, images, labels):
-    *_, grads = train_lib._local_grads(graphdef, params, batch_stats, images, labels)  # pylint: disable=protected-access
+    *_, grads = local_grads(graphdef, params, batch_stats, images, labels)
     return jax.tree.map(lambda g: g[None], grads)
 
-  local_tx = hggjax.get_compressor(cfg.compressor, density=cfg.density, axis_name=None)
+  local_tx = optim.make_compressor(cfg, axis_name=None)
   local_state = local_tx.init(state.params)
   stacked = NamedSharding(mesh, P(AXIS))
   local_state = jax.device_put(
@@ -95,13 +95,15 @@ def time_breakdown(state: train_lib.TrainState, cfg, batch, step_fn=None,
     return jax.tree.map(lambda g: jax.lax.pmean(g[0], AXIS), grads)
 
   grads = compute(state.params, state.batch_stats, images, labels)
+  before = optim.before_compressor(cfg)  # grads carry a device axis; params broadcast
+  updates = jax.jit(lambda g, p: before.update(g, before.init(p), p)[0])(grads, state.params)
   t = interleaved_medians({
       # The step donates its state: it runs on a copy, each call on the last one's output.
       "step": (step_fn, (*jax.tree.map(jnp.copy, (state.params, state.batch_stats,
                                                    state.opt_state)), images, labels),
                lambda args, out: (*out[:3], *args[3:])),
       "compute": (compute, (state.params, state.batch_stats, images, labels), None),
-      "selection": (selection, (grads, local_state, state.params),
+      "selection": (selection, (updates, local_state, state.params),
                     lambda args, out: (args[0], out[1], args[2])),
       "dense_allreduce": (dense_allreduce, (grads,), None),
   }, reps)

@@ -5,6 +5,7 @@ tests/conftest.py gives 8 fake CPU devices; these tests use a mesh of the first 
 
 import dataclasses
 
+import hggjax
 import pytest
 
 from train.config import Config
@@ -31,3 +32,17 @@ def tiny_config(tmp_path):
                  profile=False, checkpoint=False, log_dir=str(tmp_path / "run"))
     return dataclasses.replace(cfg, **overrides)
   return make
+
+
+@pytest.fixture
+def compressor_calls(monkeypatch):
+  """Every hggjax.get_compressor call from here on, as (name, options)."""
+  calls = []
+  real = hggjax.get_compressor
+
+  def record(name, **options):
+    calls.append((name, options))
+    return real(name, **options)
+
+  monkeypatch.setattr(hggjax, "get_compressor", record)
+  return calls

@@ -41,15 +41,16 @@ def run_steps(cfg: Config, mesh, steps: int | None = None) -> dict[str, np.ndarr
   rows of each batch. Returns the parameters on the host, by path."""
   import jax  # pylint: disable=import-outside-toplevel
   from train import data
-  from train import train as train_lib
+  from train import steps as steps_lib
+  from train.mesh import process_rows, shard_batch
   ds = data.synthetic_dataset(64, (8, 8, 1))
-  state = train_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, cfg.steps)
-  step_fn = train_lib.make_train_step(state)
-  rows = train_lib.process_rows(mesh, cfg.batch_size)
+  state = steps_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, cfg.steps)
+  step_fn = steps_lib.make_train_step(state)
+  rows = process_rows(mesh, cfg.batch_size)
   for step in range(cfg.steps if steps is None else steps):
     images, labels = data.train_batch(ds, step, cfg.batch_size, cfg.seed, False, rows=rows)
-    batch = train_lib.shard_batch(mesh, cfg.batch_size, images, labels)
-    state, _ = train_lib.train_step(state, step_fn, *batch)
+    batch = shard_batch(mesh, cfg.batch_size, images, labels)
+    state, _ = steps_lib.train_step(state, step_fn, *batch)
   flat, _ = jax.tree_util.tree_flatten_with_path(state.params)
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
@@ -66,8 +67,8 @@ def _describe(results) -> str:
 
 
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
-  from train import train as train_lib
-  mesh = train_lib.make_mesh(2)  # one process, 2 of the 8 fake devices
+  from train.mesh import make_mesh
+  mesh = make_mesh(2)  # one process, 2 of the 8 fake devices
   # The reference compiles here while the 2 workers start and compile (mostly 1 thread each).
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     launched = pool.submit(_launch, "train", str(tmp_path))
@@ -165,9 +166,9 @@ def _resume_worker(pid: int, mesh, out_dir: str) -> None:
   import io  # pylint: disable=import-outside-toplevel
   import hggjax  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from train import checkpoint, data  # pylint: disable=import-outside-toplevel
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
+  from train import checkpoint, data, steps  # pylint: disable=import-outside-toplevel
   from train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from train.mesh import host_value  # pylint: disable=import-outside-toplevel
   ds = data.synthetic_dataset(64, (8, 8, 1))  # 4 steps per epoch: step 4 checkpoints too
   for run, calls in (("straight", [dict()]), ("split", [dict(stop_after=2), dict(resume=True)])):
     cfg = dataclasses.replace(_config("hggtopk"), steps=4, checkpoint=True, log_every=1, devices=2,
@@ -178,14 +179,14 @@ def _resume_worker(pid: int, mesh, out_dir: str) -> None:
       train_and_evaluate(cfg, dataset=ds, stream=log, checkpoint_dir=ckpt, **kwargs)
     with open(os.path.join(out_dir, f"{run}-log-{pid}.txt"), "w") as f:
       f.write(log.getvalue())
-    template = train_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, 4)
+    template = steps.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, 4)
     mngr = checkpoint.manager(ckpt)
     restored = checkpoint.restore(mngr, mngr.latest_step(), template.arrays())
-    leaves = [train_lib.host_value(x) for x in jax.tree.leaves(restored)
+    leaves = [host_value(x) for x in jax.tree.leaves(restored)
               if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
     np.savez(os.path.join(out_dir, f"{run}-{pid}.npz"), **{f"{i:03d}": x for i, x in enumerate(leaves)})
     residual = hggjax.compression_state(restored["opt_state"]).residual
-    nonzero = any(np.any(train_lib.host_value(r) != 0) for r in jax.tree.leaves(residual))
+    nonzero = any(np.any(host_value(r) != 0) for r in jax.tree.leaves(residual))
     with open(os.path.join(out_dir, f"{run}-state-{pid}.json"), "w") as f:
       json.dump({"step": mngr.latest_step(), "residual_nonzero": bool(nonzero)}, f)
 
@@ -194,8 +195,8 @@ def _worker(mode: str, out_dir: str) -> None:
   spec = distributed.spec_from()
   distributed.initialize(spec, cpu_devices=1, timeout_s=60, heartbeat_s=10)
   import jax  # pylint: disable=import-outside-toplevel
-  from train import train as train_lib
-  mesh = train_lib.make_mesh(jax.device_count())
+  from train.mesh import make_mesh, shard_batch
+  mesh = make_mesh(jax.device_count())
   try:
     if mode == "train":
       for name in COMPRESSORS:
@@ -207,7 +208,7 @@ def _worker(mode: str, out_dir: str) -> None:
       from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
       total = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, "data"), mesh=mesh,
                                     in_specs=P("data"), out_specs=P()))
-      x = train_lib.shard_batch(mesh, 2, np.ones((1, 4), np.float32))[0]
+      x = shard_batch(mesh, 2, np.ones((1, 4), np.float32))[0]
       jax.block_until_ready(total(x))
       if spec.process_id == 1:
         os._exit(3)  # pylint: disable=protected-access

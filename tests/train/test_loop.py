@@ -1,4 +1,5 @@
-"""The real training loop, 2 steps on 4 fake devices, for every compressor name."""
+"""The real training loop, 2 steps on 4 fake devices, for every compressor name: what it
+logs and the run directory it writes."""
 
 import io
 import json
@@ -6,8 +7,6 @@ import math
 import os
 
 import hggjax
-import jax
-import numpy as np
 import pytest
 
 from train import logs
@@ -22,7 +21,8 @@ TRAIN_KEYS = {"kind", "step", "epoch", "loss", "accuracy", "lr", "samples_per_s"
 def test_two_steps_every_compressor(name, tiny_config, tiny_dataset):
   cfg = tiny_config(compressor=name)
   out = io.StringIO()
-  summary = train_and_evaluate(cfg, dataset=tiny_dataset, stream=out)
+  summary = train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", "--x"],
+                               dataset=tiny_dataset, stream=out)
 
   assert summary["step"] == 2 and summary["devices"] == 4
   assert 0.0 <= summary["test_accuracy"] <= 1.0
@@ -43,21 +43,13 @@ def test_two_steps_every_compressor(name, tiny_config, tiny_dataset):
     assert train[0]["threshold_rel_err"] == pytest.approx(0.0, abs=1e-6)
   assert "final test accuracy" in out.getvalue()
 
-
-def test_run_directory_files(tiny_config, tiny_dataset):
-  cfg = tiny_config(profile=True, profile_reps=1, compressor="topk")
-  summary = train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", "--x"],
-                               dataset=tiny_dataset, stream=io.StringIO())
   files = set(os.listdir(cfg.log_dir))
-  assert {"argv.json", "config.json", "metrics.jsonl", "summary.json", "timing.json"} <= files
+  assert {"argv.json", "config.json", "metrics.jsonl", "summary.json"} <= files
+  assert "timing.json" not in files  # profile=False; tests/train/test_profile.py has it
   with open(os.path.join(cfg.log_dir, "config.json")) as f:
-    assert json.load(f)["compressor"] == "topk"
+    assert json.load(f)["compressor"] == name
   with open(os.path.join(cfg.log_dir, "argv.json")) as f:
     assert json.load(f)[-1] == "--x"
-  timing = summary["timing"]
-  for key in ("step_s", "compute_s", "selection_s", "exchange_and_update_s", "dense_allreduce_s"):
-    assert math.isfinite(timing[key])
-  assert timing["step_s"] > 0 and timing["compute_s"] > 0 and timing["selection_s"] > 0
 
 
 def test_training_reduces_loss(tiny_config, tiny_dataset):
@@ -66,37 +58,6 @@ def test_training_reduces_loss(tiny_config, tiny_dataset):
                     log_every=4)
   summary = train_and_evaluate(cfg, dataset=tiny_dataset, stream=io.StringIO())
   assert summary["test_accuracy"] > 0.5
-
-
-def test_params_replicated_and_compressor_state_per_device(tiny_config, tiny_dataset):
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
-  cfg = tiny_config()
-  mesh = train_lib.make_mesh(4)
-  state = train_lib.create_train_state(cfg, tiny_dataset.image_shape, 10, mesh, 2)
-  residual = hggjax.compression_state(state.opt_state).residual
-  leaf = jax.tree.leaves(residual)[0]
-  assert leaf.shape[0] == 4 and len(leaf.sharding.device_set) == 4
-  p = jax.tree.leaves(state.params)[0]
-  assert p.sharding.is_fully_replicated
-  assert np.all(np.asarray(leaf) == 0)
-
-
-def test_train_step_donates_the_old_state(tiny_config, tiny_dataset):
-  """The step writes the new params and optimizer state over the old buffers."""
-  from train import data  # pylint: disable=import-outside-toplevel
-  from train import train as train_lib  # pylint: disable=import-outside-toplevel
-  cfg = tiny_config()
-  mesh = train_lib.make_mesh(4)
-  state = train_lib.create_train_state(cfg, tiny_dataset.image_shape, 10, mesh, 2)
-  # The big ones; inputs the step never reads (last step's statistics) are pruned by
-  # XLA and stay alive.
-  residual = hggjax.compression_state(state.opt_state).residual
-  old = jax.tree.leaves((state.params, state.batch_stats, residual))
-  batch = train_lib.shard_batch(mesh, 16, *data.train_batch(tiny_dataset, 0, 16, 0, False))
-  new_state, _ = train_lib.train_step(state, train_lib.make_train_step(state), *batch)
-  assert old and all(x.is_deleted() for x in old)
-  residual = jax.tree.leaves(hggjax.compression_state(new_state.opt_state).residual)
-  assert any(np.any(np.asarray(r) != 0) for r in residual)
 
 
 def test_cifar10_from_tfds_mock_data_trains(tiny_config, tmp_path):

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from train import compare_runs, plot, plot_style
+from train.report import plot, reader, style
 
 STEPS, BATCH = 40, 64
 RUNS = [("none", 1.0), ("topk", 0.01), ("topk", 0.05), ("hggtopk", 0.01), ("hggtopk", 0.05),
@@ -88,6 +88,11 @@ def test_every_chart_written(rendered):
     assert 5_000 < os.path.getsize(path) < 150_000, name
 
 
+def test_python_m_train_plot_is_these_charts():
+  import train.plot  # pylint: disable=import-outside-toplevel
+  assert train.plot.main is plot.main
+
+
 def test_default_out_is_under_the_log_dir():
   args = plot.build_parser().parse_args(["--log-dir", "x/c"])
   assert plot.out_dir(args) == os.path.join("x", "c", "plots")
@@ -98,7 +103,7 @@ def test_default_out_is_under_the_log_dir():
 def test_runs_without_timing_skip_only_that_chart(tmp_path, capsys):
   root = tmp_path / "c"
   _write_run(str(root / "topk-d0.01"), "topk", 0.01, timing=False)
-  series, subtitle = plot.setup(compare_runs.load_runs(str(root)))
+  series, subtitle = plot.setup(reader.load_runs(str(root)))
   assert plot.time_breakdown(series, subtitle, str(tmp_path / "png")) is None
   assert "no run has timing.json" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "png")
@@ -162,22 +167,22 @@ def test_selection_errors(tmp_path, capsys):
 def test_one_colour_per_compressor_everywhere():
   names = ["none", "topk", "topk2", "gaussian", "gaussian2", "randomk", "randomkec",
            "dgcsampling", "redsync", "redsynctrim", "hggtopk", "lax.top_k"]
-  everything = plot_style.colors_for(names + ["newmethod"])
+  everything = style.colors_for(names + ["newmethod"])
   assert len(set(everything.values())) == len(everything)  # all distinct
-  assert plot_style.colors_for(["hggtopk", "newmethod"]) == {
+  assert style.colors_for(["hggtopk", "newmethod"]) == {
       k: everything[k] for k in ("hggtopk", "newmethod")}
 
 
 def test_numbers_read_from_the_logs(log_dir):
-  runs = {r.name: r for r in compare_runs.load_runs(log_dir)}
+  runs = {r.name: r for r in reader.load_runs(log_dir)}
   assert set(runs) == {"none", "topk-d0.01", "topk-d0.05", "hggtopk-d0.01", "hggtopk-d0.05",
                        "randomk-d0.01"}
-  m = compare_runs.metrics(runs["topk-d0.05"])
+  m = reader.metrics(runs["topk-d0.05"])
   assert m["final_test_accuracy"] == m["best_test_accuracy"] == 0.8
   assert m["bytes_ratio"] == pytest.approx(10000 * 8 / 827880)
   assert m["count_over_k"] == 1.0
   assert m["threshold_rel_err_median"] == pytest.approx(0.025)  # median of 0.01..0.04
   assert m["exchange_and_update_s"] == 0.005 and m["finished"]
-  assert compare_runs.metrics(runs["none"])["count_over_k"] is None
+  assert reader.metrics(runs["none"])["count_over_k"] is None
   # 640 samples/s at batch 64: 10 steps per second; the first line covers steps 2..10.
-  assert compare_runs.train_wall_s(runs["none"]) == pytest.approx([0.9, 1.9, 2.9, 3.9])
+  assert reader.train_wall_s(runs["none"]) == pytest.approx([0.9, 1.9, 2.9, 3.9])

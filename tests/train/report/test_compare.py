@@ -7,21 +7,20 @@ import os
 import pytest
 
 from train import cli as train_cli
-from train import compare, compare_runs, plot
+from train.report import compare, plot, reader
 from train.errors import UsageError
 
 # Tiny runs: the synthetic dataset given in-process (8x8 images), 2 steps on 2 devices,
 # small leaves dense (compilation per compressed leaf dominates), no timing pass (its
 # compilation would cost 3x the run; timing.json is read in test_plot.py and written in
-# test_train_loop.py).
+# tests/train/test_profile.py).
 TINY_FLAGS = ["--dataset", "synthetic", "--steps", "2", "--batch-size", "16", "--devices", "2",
-              "--min-size", "1000", "--log-every", "1", "--no-profile"]
-TINY_OVERRIDES = {"eval_batch_size": 16, "profile_reps": 1}
+              "--min-size", "1000", "--log-every", "1", "--no-profile", "--eval-batch-size", "16"]
 
 
 def test_tiny_sweep_then_rerun_skips_then_plots(tmp_path, tiny_dataset):
   root = str(tmp_path / "comparison")
-  runs = compare.plan(["none", "topk"], [0.1], TINY_FLAGS, root, overrides=TINY_OVERRIDES)
+  runs = compare.plan(["none", "topk"], [0.1], TINY_FLAGS, root)
   out = io.StringIO()
   rows = compare.run_comparison(runs, root, command="test", dataset=tiny_dataset, stream=out)
 
@@ -54,18 +53,22 @@ def test_tiny_sweep_then_rerun_skips_then_plots(tmp_path, tiny_dataset):
   assert before == {n: os.path.getmtime(os.path.join(root, n, "metrics.jsonl")) for n in table}
 
   # Other settings for an existing run are refused, not silently mixed.
-  changed = compare.plan(["topk"], [0.1], TINY_FLAGS + ["--lr", "0.2"], root,
-                         overrides=TINY_OVERRIDES)
+  changed = compare.plan(["topk"], [0.1], TINY_FLAGS + ["--lr", "0.2"], root)
   with pytest.raises(UsageError, match="lr: 0.05 there, 0.2 now"):
     compare.run_comparison(changed, root, command="test", dataset=tiny_dataset, stream=out)
 
   # The charts read what the harness really wrote (all six are drawn in test_plot.py; the
   # curves vs wall time use the most of the schema: steps, rates, batch size, eval lines).
-  series, subtitle = plot.setup(compare_runs.load_runs(root))
+  series, subtitle = plot.setup(reader.load_runs(root))
   assert [s.label for s in series] == ["none (dense)", "topk@0.1"]
   path = plot.curves(series, subtitle, str(tmp_path / "png"),
-                     lambda s: compare_runs.train_wall_s(s.run), "time (s)", "t.png")
+                     lambda s: reader.train_wall_s(s.run), "time (s)", "t.png")
   assert os.path.getsize(path) > 5_000
+
+
+def test_python_m_train_compare_is_this_sweep():
+  import train.compare  # pylint: disable=import-outside-toplevel
+  assert train.compare.main is compare.main
 
 
 def test_plan_names_defaults_and_recorded_command(tmp_path):
@@ -103,7 +106,7 @@ def test_cli_errors_are_one_line(argv, message, capsys):
 def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
   from train import data  # pylint: disable=import-outside-toplevel
   root = str(tmp_path)
-  runs = compare.plan(["topk", "randomk"], [0.01], TINY_FLAGS, root, overrides=TINY_OVERRIDES)
+  runs = compare.plan(["topk", "randomk"], [0.01], TINY_FLAGS, root)
   too_small = data.synthetic_dataset(8, (8, 8, 1))  # 8 examples < batch 16: both runs fail
   out = io.StringIO()
   rows = compare.run_comparison(runs, root, command="test", dataset=too_small, stream=out)

@@ -9,16 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from train import checkpoint
-from train import train as train_lib
+from train import checkpoint, steps
 from train.errors import UsageError
 from train.loop import train_and_evaluate
+from train.mesh import make_mesh
 
 
 def _final_state(cfg, dataset):
-  mesh = train_lib.make_mesh(cfg.devices)
-  template = train_lib.create_train_state(cfg, dataset.image_shape, dataset.num_classes, mesh,
-                                          cfg.steps)
+  mesh = make_mesh(cfg.devices)
+  template = steps.create_train_state(cfg, dataset.image_shape, dataset.num_classes, mesh,
+                                      cfg.steps)
   mngr = checkpoint.manager(os.path.join(cfg.log_dir, "checkpoints"))
   return mngr.latest_step(), checkpoint.restore(mngr, mngr.latest_step(), template.arrays())
 

@@ -1,5 +1,6 @@
 """get_config() files and flag precedence."""
 
+import dataclasses
 import glob
 import os
 
@@ -30,6 +31,12 @@ def test_main_job_config_is_the_embedded_default():
   for field in ("model", "dataset", "epochs", "batch_size", "lr", "compressor", "density",
                 "momentum", "weight_decay"):
     assert getattr(cfg, field) == getattr(default, field), field
+
+
+def test_dense_baseline_is_the_main_job_with_compressor_none():
+  main = load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_cnn.py"))
+  dense = load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_cnn_dense.py"))
+  assert dense == dataclasses.replace(main, compressor="none")
 
 
 def test_flags_override_config_file(tmp_path):

@@ -6,7 +6,7 @@ import csv
 import os
 from typing import Any
 
-from train.compare_runs import finite
+from train.report.reader import finite
 
 CSV_COLUMNS = (
     "run", "compressor", "density", "status", "steps", "total_steps", "final_test_accuracy",

@@ -14,7 +14,7 @@ import statistics
 
 from matplotlib.lines import Line2D
 
-from train import plot_style
+from train.report import style
 from train.errors import UsageError
 
 _ROW_KEYS = ("n", "density", "method", "ms")
@@ -49,8 +49,8 @@ def plot(path: str, out_dir: str) -> str:
   data = load(path)
   rows, machine = data["rows"], data.get("machine", {})
   densities = sorted({r["density"] for r in rows})
-  colors = plot_style.colors_for(r["method"] for r in rows)
-  fig = plot_style.figure(5.5 * len(densities) + 1.8, 4.8)
+  colors = style.colors_for(r["method"] for r in rows)
+  fig = style.figure(5.5 * len(densities) + 1.8, 4.8)
   axes = fig.subplots(1, len(densities), squeeze=False, sharey=True)[0]
   has_floor = False
   for ax, density in zip(axes, densities):
@@ -92,4 +92,4 @@ def plot(path: str, out_dir: str) -> str:
     handles.append(Line2D([], [], color="k", ls="--", label="one pass: |x|.max()"))
   fig.legend(handles=handles, loc="outside right upper", fontsize=8)
   name = os.path.splitext(os.path.basename(path))[0] + ".png"
-  return plot_style.save(fig, out_dir, name)
+  return style.save(fig, out_dir, name)

@@ -1,0 +1,139 @@
+"""The CLI: every user error is one line on stderr and exit code 2; --help covers every flag."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import hggjax
+import pytest
+
+from train import cli
+from train.config import Config
+from train.errors import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_cli(*args, timeout=120):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", "train.cifar", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "alexnet"], "unknown model 'alexnet'; choose from cnn, mobilenetv2, resnet18"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; choose from fashion_mnist"),
+    (["--compressor", "zip"], "unknown compressor 'zip'; choose from dgcsampling"),
+    (["--density", "0"], "--density must be in (0, 1], got 0.0"),
+    (["--density", "1.5"], "--density must be in (0, 1], got 1.5"),
+    (["--epochs", "three"], "argument --epochs: invalid int value: 'three'"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--resume"], "--resume needs --log-dir"),
+    (["--config", "no/such/file.py"], "config file no/such/file.py does not exist"),
+])
+def test_flag_errors(args, message, capsys):
+  """In this process: each error stops the CLI before it touches JAX's configuration."""
+  assert cli.main(args) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1, captured.err
+  assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+  assert not captured.out
+
+
+def test_use_pipeline_with_another_compressor():
+  result = run_cli("--use-pipeline", "--compressor", "topk")
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: --compressor topk: pipeline= is "
+                                                 "offered by hggtopk only"), result.stderr
+
+
+def test_check_builds_the_compressor():
+  cli.check(Config(use_pipeline=True))  # hggtopk takes it
+  with pytest.raises(UsageError, match="--compressor topk: pipeline= is offered by hggtopk"):
+    cli.check(Config(compressor="topk", use_pipeline=True))
+  with pytest.raises(UsageError, match="--compressor hggtopk: momentum must be"):
+    cli.check(Config(momentum=1.5))
+
+
+def test_missing_data_says_what_to_do(tmp_path):
+  result = run_cli("--data-dir", str(tmp_path), "--devices", "4", "--log-dir",
+                   str(tmp_path / "run"))
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert "Fashion-MNIST not found" in lines[0] and "apt-get install -y dataset-fashion-mnist" in lines[0]
+
+
+def test_missing_cifar_archive(tmp_path):
+  result = run_cli("--dataset", "cifar10", "--data-dir", str(tmp_path / "nope"))
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--data-dir" in lines[0] and "does not exist" in lines[0]
+
+
+def test_batch_size_not_divisible(tmp_path):
+  result = run_cli("--dataset", "synthetic", "--batch-size", "30", "--devices", "4",
+                   "--log-dir", str(tmp_path / "run"))
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert lines == ["error: --batch-size 30 is not divisible by the device count 4"]
+
+
+def test_help_explains_every_flag():
+  result = run_cli("--help")
+  assert result.returncode == 0
+  flags = ["--config", "--resume", "--coordinator", "--num-processes", "--process-id"]
+  for field in dataclasses.fields(Config):
+    flags.append("--" + field.name.replace("_", "-"))
+    if field.type in ("bool", "bool | None"):
+      flags.append("--no-" + field.name.replace("_", "-"))
+  for flag in flags:
+    assert f" {flag}" in result.stdout, flag
+  for name in hggjax.compressors:
+    assert name in result.stdout, name
+
+
+# Flags and the Config fields they set; together they cover every field.
+FLAG_CASES = [
+    (["--no-checkpoint", "--no-profile", "--batch-size", "32", "--min-size", "0"],
+     {"checkpoint": False, "profile": False, "batch_size": 32, "min_size": 0}),
+    (["--checkpoint", "--profile", "--augment", "--use-pipeline"],
+     {"checkpoint": True, "profile": True, "augment": True, "use_pipeline": True}),
+    (["--no-augment", "--no-momentum-correction", "--momentum", "0.5", "--weight-decay", "0"],
+     {"augment": False, "momentum_correction": False, "momentum": 0.5, "weight_decay": 0.0}),
+    (["--steps", "5", "--devices", "2", "--eval-batch-size", "8", "--profile-reps", "3",
+      "--synthetic-size", "32", "--lr", "0.1", "--seed", "4"],
+     {"steps": 5, "devices": 2, "eval_batch_size": 8, "profile_reps": 3,
+      "synthetic_size": 32, "lr": 0.1, "seed": 4}),
+    (["--log-dir", "d", "--data-dir", "e", "--eval-every", "2", "--log-every", "3",
+      "--model", "vgg11", "--dataset", "cifar10", "--epochs", "9", "--compressor", "topk",
+      "--density", "0.5"],
+     {"log_dir": "d", "data_dir": "e", "eval_every": 2, "log_every": 3, "model": "vgg11",
+      "dataset": "cifar10", "epochs": 9, "compressor": "topk", "density": 0.5}),
+]
+
+
+@pytest.mark.parametrize("args, fields", FLAG_CASES)
+def test_every_config_field_is_a_flag(args, fields):
+  cfg, resume = cli.resolve(cli.build_parser().parse_args(args))
+  assert not resume
+  assert cfg == dataclasses.replace(Config(), **fields)
+
+
+def test_flag_cases_cover_every_config_field():
+  covered = {name for _, fields in FLAG_CASES for name in fields}
+  assert covered == {f.name for f in dataclasses.fields(Config)}
+
+
+def test_smoke_config_runs_end_to_end(tmp_path):
+  """The CLI itself, with a config file and a flag overriding it."""
+  log_dir = tmp_path / "run"
+  result = run_cli("--config", "configs/smoke.py", "--compressor", "none", "--log-dir",
+                   str(log_dir), timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "final test accuracy" in result.stdout
+  assert "none@0.1 on 4 cpu devices" in result.stdout
+  assert (log_dir / "metrics.jsonl").exists()

@@ -1,0 +1,82 @@
+"""What the training log reports about the compressor, beyond the loss.
+
+The threshold probe computes, for the largest parameter leaf, the exact k-th largest
+|acc| per device: the reference the compressor's own threshold
+(`hggjax.stats(...)["threshold"]`) is compared to in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import hggjax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from train import optim
+from train.config import Config
+from train.mesh import AXIS, host_value
+from train.steps import TrainState, local_grads
+
+
+def largest_leaf(params, min_size: int = 0) -> tuple[int, int, str]:
+  """The leaf the threshold probe samples: the largest parameter leaf.
+
+  Returns its index among all leaves, its selection group (its index among the compressed
+  leaves, those with at least `min_size` elements; scope="leaf") and its path.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  sizes = [leaf.size for _, leaf in flat]
+  i = int(np.argmax(sizes))
+  group = sum(1 for s in sizes[:i] if s >= max(min_size, 1))
+  return i, group, jax.tree_util.keystr(flat[i][0])
+
+
+def make_threshold_probe(state: TrainState, leaf_index: int, cfg: Config) -> Callable:
+  """Per-device exact top-k threshold |acc|_(k) of one leaf: what the compressor selects from.
+
+  acc is `hggjax.accumulated` of the gradients as the compressor receives them (after
+  `optim.before_compressor`). Run on the same inputs as the following train step, the
+  result is the reference for that step's compressor threshold.
+  """
+  density = cfg.density
+  momentum = optim.compressor_momentum(cfg)
+  before = optim.before_compressor(cfg)
+  specs = hggjax.state_specs(state.opt_state, AXIS)
+  graphdef = state.graphdef
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=state.mesh,
+                     in_specs=(P(), P(), specs, P(AXIS), P(AXIS)), out_specs=P())
+  def probe(params, batch_stats, opt_state, images, labels):
+    *_, grads = local_grads(graphdef, params, batch_stats, images, labels)
+    updates, _ = before.update(grads, before.init(params), params)
+    acc = hggjax.accumulated(updates, opt_state, momentum=momentum)
+    acc = jax.tree.leaves(acc)[leaf_index].reshape(-1)
+    k = max(1, round(density * acc.size))
+    # float32[P], replicated: readable on every process of a multi-process run.
+    return jax.lax.all_gather(jnp.min(jax.lax.top_k(jnp.abs(acc), k)[0]), AXIS, to="invarying")
+
+  return probe
+
+
+def compressor_stats(opt_state, group: int) -> dict[str, Any]:
+  """Host-side summary of `hggjax.stats`: totals over devices and the probed leaf's threshold."""
+  s = {name: host_value(v) for name, v in hggjax.stats(opt_state).items()}
+  out: dict[str, Any] = {}
+  if "selected" in s:
+    out["selected"] = int(np.sum(s["selected"]))
+  if "k" in s:
+    out["k"] = int(np.sum(s["k"]))
+  if "sent_bytes" in s and "dense_bytes" in s:
+    out["sent_bytes"] = float(np.mean(s["sent_bytes"]))
+    out["dense_bytes"] = float(np.mean(s["dense_bytes"]))
+  if "history_hits" in s:
+    out["history_hits"] = int(np.sum(s["history_hits"]))
+  thr = s.get("threshold")  # float32[P, G]: one group per compressed leaf (scope="leaf")
+  if thr is not None and np.ndim(thr) == 2 and group < np.shape(thr)[1]:
+    out["_threshold"] = np.asarray(thr, np.float64)[:, group]
+  return out
