@@ -31,12 +31,19 @@ def saturate(x: jax.Array) -> jax.Array:
 
 
 def all_finite(leaves: Sequence[Any]) -> jax.Array:
-  """bool[]: no NaN or Inf in any floating leaf (one reduction per leaf)."""
-  ok = jnp.bool_(True)
+  """bool[]: no NaN or Inf in any floating leaf, in one read of each.
+
+  x - x is 0 for finite x and NaN for NaN and +-Inf, so one float sum per leaf
+  tells (IEEE semantics keep XLA from folding it to 0). XLA:CPU runs it as a plain
+  vectorised pass, where ``jnp.all(jnp.isfinite(x))`` first writes a boolean array
+  of x's size, and where ``x * 0`` shared its zero with other broadcasts and had
+  an array of zeros written out for it.
+  """
+  total = jnp.zeros((), jnp.float32)
   for x in leaves:
     if jnp.issubdtype(x.dtype, jnp.floating):
-      ok = ok & jnp.all(jnp.isfinite(x))
-  return ok
+      total = total + jnp.sum(x - x, dtype=jnp.float32)
+  return jnp.isfinite(total)
 
 
 def momentum_step(leaves: Sequence[Any], velocity, floating: Sequence[int], momentum: float,
@@ -58,31 +65,30 @@ def momentum_step(leaves: Sequence[Any], velocity, floating: Sequence[int], mome
 
 
 def accumulate(grads, groups: Sequence[Sequence[int]], stored, local, in_place: bool,
-               ok: jax.Array, fresh: Sequence[bool]) -> tuple[jax.Array, jax.Array | None]:
+               ok: jax.Array) -> tuple[jax.Array, jax.Array | None]:
   """Step 1: (acc float32[m, n], one row per group; acc in the stored residual's shape or None).
 
   `stored` is the residual tuple as the caller passed it (with the device axis),
   `local` the same without it (None without error feedback). With `in_place` (one
   group of one leaf, error feedback on) acc is formed in the stored residual's own
   shape so that Step 4 can scatter into it and XLA writes the new residual into
-  the old one's buffer when the caller donates the state. `fresh[i]` says whether
-  grads[i] is this step's gradient (not yet masked by `ok`, i.e. no momentum).
+  the old one's buffer when the caller donates the state. When not `ok` acc is the
+  residual as it was (Step 3 then sends nothing, so Step 4 keeps it).
   """
 
-  def add(g, r, i):
-    if r is None:
-      return jnp.where(ok, g, 0.0) if fresh[i] else g
-    total = saturate(g + r)
-    return jnp.where(ok, total, r)
+  def add(g, r):
+    if r is None:  # no error feedback: what a skipped step selects is never sent
+      return g
+    return jnp.where(ok, saturate(g + r), r)
 
   if in_place:
     (leaf,), = groups
-    kept = add(grads[leaf].astype(jnp.float32).reshape(stored[leaf].shape), stored[leaf], leaf)
+    kept = add(grads[leaf].astype(jnp.float32).reshape(stored[leaf].shape), stored[leaf])
     return kept.ravel()[None], kept
   rows = []
   for group in groups:
-    acc = [add(grads[i].astype(jnp.float32).ravel(),
-               None if local is None else local[i].ravel(), i) for i in group]
+    acc = [add(grads[i].astype(jnp.float32).ravel(), None if local is None else local[i].ravel())
+           for i in group]
     rows.append(acc[0] if len(acc) == 1 else jnp.concatenate(acc))
   return jnp.stack(rows), None
 

@@ -45,13 +45,13 @@ class CompressionState(NamedTuple):
 
 
 def empty_stats(num_groups: int, k: int) -> CompressionStats:
-  """The statistics before any step: nothing sent yet."""
-  zero, none = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+  """The statistics before any step: nothing sent yet (every field its own buffer, so
+  that a donated state never donates one buffer twice)."""
   return CompressionStats(
-      selected=none, passed=none, k=jnp.asarray(k, jnp.int32),
-      threshold=jnp.zeros((num_groups,), jnp.float32),
-      history_hit=jnp.zeros((num_groups,), bool), sent_bytes=zero, dense_bytes=zero,
-      nonfinite=none)
+      selected=jnp.zeros((), jnp.int32), passed=jnp.zeros((), jnp.int32),
+      k=jnp.asarray(k, jnp.int32), threshold=jnp.zeros((num_groups,), jnp.float32),
+      history_hit=jnp.zeros((num_groups,), bool), sent_bytes=jnp.zeros((), jnp.float32),
+      dense_bytes=jnp.zeros((), jnp.float32), nonfinite=jnp.zeros((), jnp.int32))
 
 
 def with_device_axis(state: CompressionState, axis_name: str | None) -> CompressionState:

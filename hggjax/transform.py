@@ -22,6 +22,7 @@ import optax
 
 from hggjax import error_feedback as ef
 from hggjax import exchange
+from hggjax.kernels.bits import MIN_FAST_N
 from hggjax.payload import Payload, Selection
 from hggjax.selectors.base import Selector
 from hggjax.state import (CompressionState, CompressionStats, empty_stats,
@@ -58,11 +59,15 @@ def _plan(leaves: Sequence[Any], density: float, scope: Scope, min_size: int,
   sizes = tuple(sum(leaves[i].size for i in g) for g in groups)
   ks = tuple(max(1, round(density * n)) for n in sizes)
   wires = tuple(jnp.result_type(*[leaves[i].dtype for i in g]) for g in groups)
-  # Groups of one size are selected by one loop body (lax.map): a model with
-  # many same-shaped layers compiles the selector once per size, not per leaf.
-  buckets: dict[tuple[int, str], list[int]] = {}
+  # Small groups of one size are selected by one loop body (lax.map): a model with
+  # many small same-shaped leaves (biases, norms) compiles the selector once per
+  # size, not per leaf. Groups on the packed fast paths are selected one by one:
+  # stacking them would copy every one of them into a new buffer each step, and
+  # the accumulated vector could no longer be written over the residual in place.
+  buckets: dict[tuple, list[int]] = {}
   for g, (n, wire) in enumerate(zip(sizes, wires)):
-    buckets.setdefault((g,) if separate_groups else (n, str(wire)), []).append(g)
+    alone = separate_groups or n >= MIN_FAST_N
+    buckets.setdefault((g,) if alone else (n, str(wire)), []).append(g)
   return _Plan(sparse, dense, groups, sizes, ks, wires,
                tuple(tuple(b) for b in buckets.values()))
 
@@ -85,12 +90,14 @@ def device_of(axis_name: str | None, device_index) -> jax.Array | None:
   return exchange.device_index(axis_name)
 
 
-def _select(selector: Selector, x: jax.Array, k: int, carry: Any, ids: jax.Array,
-            keys: jax.Array) -> tuple[Selection, Any]:
-  """Step 2: `selector` over the rows of x[m, n]; Selection fields and carry gain a leading m.
+def select_rows(selector: Selector, x: jax.Array, k: int, carry: Any, ids: jax.Array,
+                keys: jax.Array, ok: jax.Array) -> tuple[Selection, Any]:
+  """Step 2: `selector` over the rows of x[m, n] (groups `ids` of the carry).
 
-  With k = n (density 1) there is nothing to choose: every position is sent and
-  the carry stays as it was.
+  Returns the Selection (every field with a leading m) and the whole carry with
+  those groups' entries replaced (kept as they were when not `ok`). With k = n
+  (density 1) there is nothing to choose: every position is sent and the carry
+  stays as it was.
   """
   rows = jax.tree.map(lambda v: v[ids], carry)
   m, n = x.shape
@@ -100,12 +107,67 @@ def _select(selector: Selector, x: jax.Array, k: int, carry: Any, ids: jax.Array
     low = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=1)
     sel = Selection(every, jnp.sum(a > 0, axis=1, dtype=jnp.int32),
                     jnp.where(jnp.isfinite(low), low, 0.0), jnp.zeros((m,), bool))
-    return sel, rows
+    return sel, carry
   if m == 1:
     sel, new = selector.select(x[0], k, jax.tree.map(lambda v: v[0], rows), keys[0])
-    return jax.tree.map(lambda a: a[None], (sel, new))
-  return jax.lax.map(lambda args: selector.select(args[0], k, args[1], args[2]),
-                     (x, rows, keys))
+    sel, new = jax.tree.map(lambda a: a[None], (sel, new))
+  else:
+    sel, new = jax.lax.map(lambda args: selector.select(args[0], k, args[1], args[2]),
+                           (x, rows, keys))
+  carry = jax.tree.map(lambda v, u, w: v.at[ids].set(jnp.where(ok, u, w)), carry, new, rows)
+  return sel, carry
+
+
+def make_payload(x: jax.Array, indices: jax.Array, ok: jax.Array, wire, groups,
+                 leaves) -> Payload:
+  """Step 3: what goes on the wire: the selected values of x[m, n] in the wire dtype.
+
+  Zeros carry nothing: their slots go out unused (index n, value 0), like every
+  slot of a skipped (not `ok`) step. A group mixing dtypes travels in the widest,
+  each value first rounded to its own leaf's dtype.
+  """
+  n = x.shape[1]
+  values = jnp.take_along_axis(x, indices, axis=1, mode="fill", fill_value=0)
+  if len(groups) == 1:
+    values = _round_to_leaf_dtypes(values, indices, groups[0], leaves)
+  values = to_dtype(values, wire)
+  sent = ok & (values != 0)
+  return Payload(jnp.where(sent, values, 0), jnp.where(sent, indices, n))
+
+
+def _write_back(out, residual, mean, rest, kept, groups, leaves, axis_name) -> None:
+  """Each leaf's slice of the mean rows into `out`, of the residual rows into `residual`."""
+  for r, group in enumerate(groups):
+    offset = 0
+    for i in group:
+      size, shape = leaves[i].size, leaves[i].shape
+      out[i] = mean[r, offset:offset + size].reshape(shape).astype(leaves[i].dtype)
+      if rest is not None:
+        residual[i] = rest if kept is not None else _stored_shape(
+            rest[r, offset:offset + size].reshape(shape), axis_name)
+      offset += size
+
+
+def _begin_stats(old: CompressionStats, plan: "_Plan", leaves, ok) -> CompressionStats:
+  """Step 5's starting point: the per-step counts zero, the bytes of the dense leaves."""
+  dense = sum(leaves[i].size * leaves[i].dtype.itemsize for i in plan.dense)
+  every = sum(leaves[i].size * leaves[i].dtype.itemsize for i in plan.sparse + plan.dense)
+  zero = jnp.zeros((), jnp.int32)
+  return old._replace(
+      selected=zero, passed=zero, k=jnp.asarray(sum(plan.ks), jnp.int32),
+      sent_bytes=jnp.asarray(dense, jnp.float32), dense_bytes=jnp.asarray(every, jnp.float32),
+      nonfinite=(~ok).astype(jnp.int32))
+
+
+def _record(stats: CompressionStats, ids, sel: Selection, payload: Payload, ok, n, k,
+            wire) -> CompressionStats:
+  """Step 5: one bucket's counts added to `stats` (k-sized reads only)."""
+  return stats._replace(
+      threshold=stats.threshold.at[ids].set(jnp.where(ok, sel.threshold, 0.0)),
+      history_hit=stats.history_hit.at[ids].set(ok & sel.history_hit),
+      selected=stats.selected + jnp.sum(payload.indices < n, dtype=jnp.int32),
+      passed=stats.passed + jnp.where(ok, jnp.sum(sel.passed, dtype=jnp.int32), 0),
+      sent_bytes=stats.sent_bytes + ids.shape[0] * k * (wire.itemsize + 4))
 
 
 def _check_layout(leaves, paths, plan: "_Plan", state: CompressionState) -> None:
@@ -243,61 +305,31 @@ def sparsify(
     ok = ef.all_finite(leaves)
     grads, velocity = ef.momentum_step(
         leaves, state.velocity, plan.sparse + plan.dense, momentum, ok)
-    fresh = [not momentum] * len(leaves)
     out = list(leaves)  # non-floating leaves pass through untouched
     for i in plan.dense:
       out[i] = exchange.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype), axis_name)
     residual = list(stored) if error_feedback else None
-    carry, threshold, history_hit = state.carry, state.stats.threshold, state.stats.history_hit
-    selected = passed = jnp.zeros((), jnp.int32)
-    sent_bytes = sum(leaves[i].size * leaves[i].dtype.itemsize for i in plan.dense)
+    carry, stats = state.carry, _begin_stats(state.stats, plan, leaves, ok)
     for bucket in plan.buckets:
       n, k, wire = plan.sizes[bucket[0]], plan.ks[bucket[0]], plan.wires[bucket[0]]
       groups = [plan.groups[g] for g in bucket]
+      ids = jnp.asarray(bucket)
       # Step 1: acc = g + residual, one float32 row per group.
       in_place = (error_feedback and len(groups) == 1 and len(groups[0]) == 1
                   and stored[groups[0][0]].ndim > 0)
-      x, kept = ef.accumulate(grads, groups, stored, state.residual, in_place, ok, fresh)
-      # Step 2: select k positions per row.
-      ids = jnp.asarray(bucket)
+      x, kept = ef.accumulate(grads, groups, stored, state.residual, in_place, ok)
+      # Step 2: k positions per row.
       keys = jnp.stack([jax.random.fold_in(key, g) for g in bucket])
-      sel, carry_rows = _select(selector, x, k, carry, ids, keys)
-      carry = jax.tree.map(lambda v, u, w: v.at[ids].set(jnp.where(ok, u, w)),
-                           carry, carry_rows, jax.tree.map(lambda v: v[ids], carry))
-      # Step 3: exchange the values in the wire dtype; the mean of every device's payload.
-      # Zeros carry nothing: their slots go out unused, like every slot of a skipped step.
-      values = jnp.take_along_axis(x, sel.indices, axis=1, mode="fill", fill_value=0)
-      if len(groups) == 1:
-        values = _round_to_leaf_dtypes(values, sel.indices, groups[0], leaves)
-      values = to_dtype(values, wire)
-      sent = ok & (values != 0)
-      values = jnp.where(sent, values, 0)
-      indices = jnp.where(sent, sel.indices, n)
-      mean = exchange.sparse_mean(Payload(values, indices), n, axis_name)
+      sel, carry = select_rows(selector, x, k, carry, ids, keys, ok)
+      # Step 3: the payload, exchanged: the mean of every device's.
+      payload = make_payload(x, sel.indices, ok, wire, groups, leaves)
+      mean = exchange.sparse_mean(payload, n, axis_name)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.
-      rest = ef.keep(x, kept, indices, values, sel.threshold) if error_feedback else None
-      for r, group in enumerate(groups):
-        offset = 0
-        for i in group:
-          size, shape = leaves[i].size, leaves[i].shape
-          out[i] = mean[r, offset:offset + size].reshape(shape).astype(leaves[i].dtype)
-          if error_feedback:
-            residual[i] = rest if kept is not None else _stored_shape(
-                rest[r, offset:offset + size].reshape(shape), axis_name)
-          offset += size
+      rest = ef.keep(x, kept, payload.indices, payload.values, sel.threshold) if error_feedback else None
+      _write_back(out, residual, mean, rest, kept, groups, leaves, axis_name)
       # Step 5: statistics.
-      threshold = threshold.at[ids].set(jnp.where(ok, sel.threshold, 0.0))
-      history_hit = history_hit.at[ids].set(ok & sel.history_hit)
-      selected += jnp.sum(indices < n, dtype=jnp.int32)
-      passed += jnp.where(ok, jnp.sum(sel.passed, dtype=jnp.int32), 0)
-      sent_bytes += len(bucket) * k * (wire.itemsize + 4)
+      stats = _record(stats, ids, sel, payload, ok, n, k, wire)
 
-    dense_bytes = sum(leaves[i].size * leaves[i].dtype.itemsize for i in plan.sparse + plan.dense)
-    stats = CompressionStats(
-        selected=selected, passed=passed, k=jnp.asarray(sum(plan.ks), jnp.int32),
-        threshold=threshold, history_hit=history_hit,
-        sent_bytes=jnp.asarray(sent_bytes, jnp.float32),
-        dense_bytes=jnp.asarray(dense_bytes, jnp.float32), nonfinite=(~ok).astype(jnp.int32))
     new_state = with_device_axis(CompressionState(
         count=state.count + ok.astype(jnp.int32), rng_key=_keep_unless(ok, next_key, state.rng_key),
         residual=None, velocity=velocity, carry=carry, stats=stats), axis_name)

@@ -38,9 +38,10 @@ history, below):
     every bin whose lower edge is >= the low cut, S[i] over the candidates equals
     S[i] over all of a, and the bin holding the k-th element always has an exact
     upper suffix (S[i + 1] < k). The search therefore gives the whole-vector cut
-    unless that bin straddles the low cut (its count would be partial) or the
-    count misses [k, K]: then a ``lax.cond`` runs the whole-vector histogram.
-    max|a| is the largest candidate, so no separate max pass is needed.
+    unless that bin straddles the low cut (its count would be partial): then the
+    exact top-k of the candidates is sent (they hold it). When the count misses
+    [k, K] (the sample missed, rare) a ``lax.cond`` takes ``lax.top_k`` of the
+    whole vector. max|a| is the largest candidate, so no separate max pass is needed.
   * Step 5 trims among the candidates with an exact radix select (`topk.take_largest`).
 log1p is evaluated on K ~ 1.4k candidates only, never per element of a, and in
 a form that cannot overflow (gamma * |a| can exceed float32 for |a| > 3.4e38 / gamma).
@@ -229,22 +230,31 @@ def hgg_topk(
 
     accepted = varying_like(jnp.bool_(True), x, prev_threshold)
     cut, exact = jax.lax.cond(hit, lambda: (prev_threshold, accepted), search)
-    usable = hit | ((n_floor >= k) & (n_floor <= cap) & exact)
+    # Between k and cap candidates (the sample did not miss): they hold the exact top-k.
+    enough = (n_floor >= k) & (n_floor <= cap)
     passed = jnp.where(hit, count, jnp.sum(a >= cut, dtype=jnp.int32))
+    # The cut is used when the histogram resolved it (its bin counted in full) and it
+    # passes at least max(1, k - tol_k); otherwise (a bin straddling the low cut, ties,
+    # one bin holding most candidates) every candidate competes: the exact top-k.
+    use_cut = hit | (exact & (passed >= max(1, k - tol_k)))
+    passed = jnp.where(use_cut, passed, n_floor)
 
     def finish():
-      # Step 5: the k largest of the candidates >= cut; all candidates compete when
-      # the cut passes fewer than k - tol_k (ties, or a bin holding most of them).
+      # Step 5: the k largest of the candidates >= cut (or of all candidates).
       # An accepted history passing at most k needs no trim: its candidates are it.
-      floor_key = jnp.where(passed >= max(1, k - tol_k), bits.float_to_key(cut), 0)
+      floor_key = jnp.where(use_cut, bits.float_to_key(cut), 0)
       idx = jax.lax.cond(
           hit & (count <= k), lambda: pos[:k],
           lambda: topk_kernels.take_largest(keys, pos, k, floor_key, n))
       return Selection(idx, passed, topk_kernels.smallest_sent(x, idx), hit)
 
-    # A sample that missed, or a cut in a bin straddling the low cut: the search on
-    # the whole vector (exact, slower, rare).
-    return jax.lax.cond(usable, finish, lambda: whole_vector(x, k, prev_threshold))
+    def exact_top_k():
+      # The sample missed (rare): the exact k largest of the whole vector.
+      idx = jax.lax.top_k(jnp.abs(x), k)[1].astype(jnp.int32)
+      return Selection(idx, varying_like(jnp.int32(k), x), topk_kernels.smallest_sent(x, idx),
+                       varying_like(jnp.bool_(False), x))
+
+    return jax.lax.cond(hit | enough, finish, exact_top_k)
 
   def select(x, k, carry: History, key):
     del key
