@@ -81,14 +81,17 @@ def count_at_least(a: jax.Array, threshold: jax.Array,
                    min_fast_n: int = MIN_FAST_N) -> jax.Array:
   """int32[]: #(a >= threshold and a > 0), the selectors' pass rule (zeros carry nothing).
 
-  From `min_fast_n` elements on, the bits of the packed mask are counted: the same
-  one fused pass as ``jnp.sum(mask)``, but XLA:CPU's boolean-sum reductions do not
-  vectorise and the packed count does.
+  From `min_fast_n` elements on, on the CPU, the bits of the packed mask are
+  counted: the same one fused pass as ``jnp.sum(mask)``, but XLA:CPU's boolean-sum
+  reductions do not vectorise and the packed count does.
   """
   mask = (a >= threshold) & (a > 0)
   if a.shape[0] < min_fast_n:
     return jnp.sum(mask, dtype=jnp.int32)
-  return jnp.sum(popcounts(pack(mask)))
+  # Off the CPU a boolean sum is already one fused parallel reduction.
+  return jax.lax.platform_dependent(
+      mask, cpu=lambda m: jnp.sum(popcounts(pack(m))),
+      default=lambda m: jnp.sum(m, dtype=jnp.int32))
 
 
 def count_many(a: jax.Array, edges: jax.Array) -> jax.Array:
@@ -119,3 +122,13 @@ def count_many(a: jax.Array, edges: jax.Array) -> jax.Array:
   t = (t & jnp.uint32(0x00FF00FF)) + ((t >> 8) & jnp.uint32(0x00FF00FF))
   t = (t & jnp.uint32(0xFFFF)) + (t >> 16)
   return jnp.sum(t, axis=0, dtype=jnp.uint32).astype(jnp.int32)
+
+
+def count_edges_at_least(a: jax.Array, edges: jax.Array) -> jax.Array:
+  """int32[J]: #(a >= edges[j] and a > 0) for every edge in one fused reduction.
+
+  For accelerators, where a reduction with J outputs reads `a` once; XLA:CPU would
+  write the [L, J] comparison out first (it uses `count_at_least` per edge instead).
+  """
+  a = a[:, None]
+  return jnp.sum((a >= edges[None, :]) & (a > 0), axis=0, dtype=jnp.int32)

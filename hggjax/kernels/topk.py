@@ -14,13 +14,15 @@ The fast exact top-k (`top_k`, shared by topk, hggtopk and the threshold methods
      (`kth_largest`), then the k winners (`take_largest`).
 When the count falls outside [k, K] a ``lax.cond`` takes ``lax.top_k`` instead:
 exact, only slower. Nothing syncs with the host and no loop depends on data.
+That is the CPU's path; on accelerators (``lax.platform_dependent``) `top_k` and
+`largest_above` use `counting` and plain reductions, with no ``lax.cond``.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hggjax.kernels import bits, sampling
+from hggjax.kernels import bits, counting, sampling
 from hggjax.kernels.bits import MIN_FAST_N
 from hggjax.kernels.scan import cumsum, materialize
 
@@ -183,7 +185,18 @@ def candidates(x: jax.Array, low: jax.Array, cap: int):
 
 
 def top_k(x: jax.Array, k: int, min_fast_n: int = MIN_FAST_N) -> jax.Array:
-  """int32[k]: positions of the k largest |x| (exact; ties broken arbitrarily)."""
+  """int32[k]: positions of the k largest |x| (exact; ties broken arbitrarily).
+
+  On the CPU the sampled, packed path below; on accelerators `counting.top_k`.
+  """
+  if x.shape[0] < min_fast_n:
+    return _top_k_cpu(x, k, min_fast_n)
+  return jax.lax.platform_dependent(
+      x, cpu=lambda v: _top_k_cpu(v, k, min_fast_n),
+      default=lambda v: counting.top_k(v, k)[0])
+
+
+def _top_k_cpu(x: jax.Array, k: int, min_fast_n: int) -> jax.Array:
   n = x.shape[0]
 
   def slow():
@@ -227,6 +240,34 @@ def largest_above(
   One pass over `a` packs the mask into bits; the count, the compaction and the
   trim to k work on n/32 words and `capacity` slots.
   """
+  n = a.shape[0]
+  if n >= min_fast_n:
+    return jax.lax.platform_dependent(
+        a, threshold,
+        cpu=lambda a, t: _largest_above_cpu(a, t, k, capacity, min_fast_n, at_least),
+        default=lambda a, t: _largest_above_gpu(a, t, k, capacity, at_least))
+  return _largest_above_cpu(a, threshold, k, capacity, min_fast_n, at_least)
+
+
+def _largest_above_gpu(a, threshold, k, capacity, at_least):
+  """`largest_above` without branches: compaction by one prefix sum; the exact
+  variant is the counting top-k outright (its answer whenever it would fall back)."""
+  n = a.shape[0]
+  mask = (a >= threshold) & (a > 0)
+  passed = jnp.sum(mask, dtype=jnp.int32)
+  if at_least is not None:
+    idx = counting.top_k(a, k)[0]
+    return idx, passed, smallest_sent(a, idx)
+  idx = first_true(mask, capacity)
+  scores = a.at[idx].get(mode="fill", fill_value=-1.0)
+  top_scores, at = jax.lax.top_k(scores, min(k, capacity))
+  idx = jnp.where(top_scores >= 0, idx[at], n).astype(jnp.int32)
+  if capacity < k:
+    idx = jnp.concatenate([idx, jnp.full(k - capacity, n, jnp.int32)])
+  return idx, passed, smallest_sent(a, idx)
+
+
+def _largest_above_cpu(a, threshold, k, capacity, min_fast_n, at_least):
   n = a.shape[0]
   mask = (a >= threshold) & (a > 0)
   if n < min_fast_n:

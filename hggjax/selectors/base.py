@@ -64,14 +64,56 @@ def count_and_adjust(a, threshold, k, steps, low, high, down, up,
   """`steps` rounds: scale the threshold while the count is outside [low*k, high*k].
 
   Returns (threshold, fallback): the last threshold counted with at least one
-  element passing, or `fallback` (a cut known to pass one) when none did.
+  element passing, or `fallback` (a cut known to pass one) when none did. On the
+  CPU each round is one packed counting pass; on accelerators, for up to
+  `TREE_STEPS` rounds, every threshold the rounds could reach is counted in one
+  fused pass and the rounds are replayed on those counts (the same thresholds,
+  bit for bit).
   """
-  for _ in range(steps):
+  if fallback is None:
+    fallback = threshold
+  rule = (k, steps, low, high, down, up)
+  if a.shape[0] < min_fast_n or steps > TREE_STEPS:
+    return _adjust_rounds(a, threshold, fallback, rule, min_fast_n)
+  return jax.lax.platform_dependent(
+      a, threshold, fallback,
+      cpu=lambda a, t, f: _adjust_rounds(a, t, f, rule, min_fast_n),
+      default=lambda a, t, f: _adjust_tree(a, t, f, rule))
+
+
+# Rounds replayed from one counting pass on accelerators: 3^i thresholds at round i.
+TREE_STEPS = 4
+
+
+def _decide(c, t, fallback, rule):
+  k, _, low, high, down, up = rule
+  fallback = jnp.where(c >= 1, t, fallback)
+  branch = jnp.where(c < low * k, 0, jnp.where(c > high * k, 1, 2))
+  factor = jnp.where(branch == 0, down, jnp.where(branch == 1, up, 1.0))
+  return branch, t * factor, fallback
+
+
+def _adjust_rounds(a, threshold, fallback, rule, min_fast_n):
+  for _ in range(rule[1]):
     c = bits.count_at_least(a, threshold, min_fast_n)
-    if fallback is not None:
-      fallback = jnp.where(c >= 1, threshold, fallback)
-    factor = jnp.where(c < low * k, down, jnp.where(c > high * k, up, 1.0))
-    threshold = threshold * factor
+    _, threshold, fallback = _decide(c, threshold, fallback, rule)
+  return threshold, fallback
+
+
+def _adjust_tree(a, threshold, fallback, rule):
+  _, steps, _, _, down, up = rule
+  # Level i holds the 3^i thresholds round i may count; node j's children are
+  # j (scaled down), j + 3^i (up) and j + 2 * 3^i (kept), as in `_decide`.
+  levels = [threshold[None]]
+  for _ in range(steps - 1):
+    t = levels[-1]
+    levels.append(jnp.concatenate([t * down, t * up, t * 1.0]))
+  counts = bits.count_edges_at_least(a, jnp.concatenate(levels))
+  offset, node = 0, jnp.int32(0)
+  for i, t in enumerate(levels):
+    branch, threshold, fallback = _decide(counts[offset + node], t[node], fallback, rule)
+    offset += t.shape[0]
+    node = node + branch.astype(jnp.int32) * (3**i)
   return threshold, fallback
 
 

@@ -45,6 +45,10 @@ history, below):
   * Step 5 trims among the candidates with an exact radix select (`topk.take_largest`).
 log1p is evaluated on K ~ 1.4k candidates only, never per element of a, and in
 a form that cannot overflow (gamma * |a| can exceed float32 for |a| > 3.4e38 / gamma).
+
+That is the CPU's path. On accelerators (``lax.platform_dependent``) the previous
+cut centres a fixed number of branch-free counting passes instead
+(`on_accelerator`, `hggjax.kernels.counting`), which send the exact top-k.
 """
 
 import math
@@ -53,7 +57,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hggjax.kernels import bits, sampling
+from hggjax.kernels import bits, counting, sampling
 from hggjax.kernels import topk as topk_kernels
 from hggjax.kernels.bits import MIN_FAST_N
 from hggjax.payload import Selection
@@ -143,6 +147,15 @@ def _search(a, k, top, prev_threshold, num_bins, gamma, beta, tol_k, window, flo
     return jax.lax.cond(ok, lambda: (cut, exact), full_search)
 
   return jax.lax.cond(prev_threshold > 0, window_search, full_search)
+
+
+def on_accelerator(x: jax.Array, k: int, prev_threshold: jax.Array) -> Selection:
+  """HGG-TopK off the CPU: the previous cut centres the first of a fixed number of
+  counting passes (`kernels.counting`), which then send the exact top-k; the
+  history counts as used when the k-th largest fell inside its window. No
+  ``lax.cond``, so no device-to-host round trip."""
+  idx, candidates, guided = counting.top_k(x, k, hint=prev_threshold)
+  return Selection(idx, candidates, topk_kernels.smallest_sent(x, idx), guided)
 
 
 def hgg_topk(
@@ -256,14 +269,17 @@ def hgg_topk(
 
     return jax.lax.cond(hit | enough, finish, exact_top_k)
 
+  def on_cpu(x, prev_threshold, k):
+    n = x.shape[0]
+    if topk_kernels.fast_path(n, k, sampling.low_cut_capacity(n, k), min_fast_n):
+      return fast(x, k, prev_threshold)
+    return whole_vector(x, k, prev_threshold)
+
   def select(x, k, carry: History, key):
     del key
-    n = x.shape[0]
-    prev_threshold = carry.cut
-    if topk_kernels.fast_path(n, k, sampling.low_cut_capacity(n, k), min_fast_n):
-      selection = fast(x, k, prev_threshold)
-    else:
-      selection = whole_vector(x, k, prev_threshold)
+    selection = jax.lax.platform_dependent(
+        x, carry.cut, cpu=lambda x, prev: on_cpu(x, prev, k),
+        default=lambda x, prev: on_accelerator(x, k, prev))
     return selection, History(cut=selection.threshold)
 
   return Selector(init, select)

@@ -29,6 +29,10 @@ Steps per group, one jitted function, no host sync, no data-dependent loop:
      from the outer edges' counts (geometric mean with the old one).
 Every group is selected and exchanged on its own (``separate_groups``), so that
 a leaf's exchange may start as soon as its gradient exists.
+
+That is the CPU's path. On accelerators the carried centre guides HGG-TopK's
+branch-free counting passes (`hgg.on_accelerator`), which send the exact top-k;
+`path` then records 0 when the centre's window held the k-th largest, else 2.
 """
 
 import math
@@ -41,6 +45,7 @@ from hggjax.kernels import bits, sampling
 from hggjax.kernels import topk as topk_kernels
 from hggjax.kernels.bits import MIN_FAST_N
 from hggjax.payload import Selection
+from hggjax.selectors import hgg
 from hggjax.selectors.base import Selector, varying_like
 
 EDGES = 16  # thresholds per counting round on the candidates (two rounds)
@@ -236,7 +241,15 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = MIN_FAST_N) ->
       path = jnp.where(missed, 3, 2).astype(jnp.int32)
       return idx, cut, passed, path, cut, slope
 
-    idx, cut, passed, path, center, new_slope = jax.lax.cond(carry.center > 0, warm, cold)
+    def on_accelerator(x, center):
+      # The carried centre guides branch-free counting passes; the exact top-k is sent.
+      sel = hgg.on_accelerator(x, k, center)
+      path = jnp.where(sel.history_hit, 0, 2).astype(jnp.int32)
+      return sel.indices, sel.threshold, sel.passed, path, sel.threshold, slope
+
+    idx, cut, passed, path, center, new_slope = jax.lax.platform_dependent(
+        x, carry.center, cpu=lambda *_: jax.lax.cond(carry.center > 0, warm, cold),
+        default=on_accelerator)
     selection = Selection(idx, passed.astype(jnp.int32), cut, path <= 1)
     return selection, PipelineCarry(center.astype(jnp.float32), new_slope, path)
 
