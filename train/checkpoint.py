@@ -1,18 +1,35 @@
-"""Orbax checkpoints of the whole train state, compressor state included.
+"""Orbax checkpoints of the whole train state, each verified before it is used.
 
 The state is saved as its flat list of leaves: the tree structure (flax States, optax and
 hggjax NamedTuples) comes back from a freshly created state of the same config, which also
 supplies each leaf's sharding. Typed PRNG keys are stored as their raw key data.
+
+Orbax writes a step into a temporary directory and renames it when complete. Once it
+has, process 0 writes `checksums.json` into the step's directory: the SHA-256 of every
+file there. A checkpoint counts only with that file and every checksum matching, so a
+save that died before the end, a damaged or truncated file and an empty step directory
+are all refused the same way. `restore_latest` walks back from the newest step to the
+newest one that passes, and moves each refused one to `<checkpoint dir>-damaged/` (so
+that the resumed run can save that step again, and a person can look at it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import os
+import re
+import shutil
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
-_KEEP = 2
+from train.errors import UsageError
+
+CHECKSUMS = "checksums.json"
 
 
 def _is_key(x) -> bool:
@@ -33,26 +50,173 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
-def manager(directory: str) -> ocp.CheckpointManager:
+@contextlib.contextmanager
+def _quiet():
+  """Orbax logs every failure it raises as pages of absl ERROR lines; the caller reports
+  it in one line instead."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
   # Synchronous saves: a run that ends right after a save must find it complete.
-  options = ocp.CheckpointManagerOptions(max_to_keep=_KEEP, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  # cleanup_tmp_directories: a save killed half-way leaves a temporary directory.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                         cleanup_tmp_directories=True)
+  with _quiet():
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def _digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(directory):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), directory)
+      if rel not in (CHECKSUMS, CHECKSUMS + ".tmp"):
+        out.append(rel)
+  return sorted(out)
+
+
+def write_checksums(directory: str) -> None:
+  sums = {rel: _digest(os.path.join(directory, rel)) for rel in _files(directory)}
+  tmp = os.path.join(directory, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(sums, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(directory, CHECKSUMS))  # atomic: all checksums or none
+
+
+def verify(directory: str) -> str | None:
+  """None when the checkpoint in `directory` is whole, else what is wrong with it."""
+  path = os.path.join(directory, CHECKSUMS)
+  if not os.path.isfile(path):
+    return "no checksums.json: its save did not finish"
+  try:
+    with open(path) as f:
+      sums = json.load(f)
+  except (OSError, ValueError) as err:
+    return f"checksums.json unreadable ({type(err).__name__})"
+  files = _files(directory)
+  missing = sorted(set(sums) - set(files))
+  if missing:
+    return f"{missing[0]} is missing"
+  for rel in files:
+    if rel not in sums:
+      return f"{rel} was not part of the save"
+    if _digest(os.path.join(directory, rel)) != sums[rel]:
+      return f"{rel} does not match its checksum"
+  return None
+
+
+def _os_reason(err: BaseException) -> str | None:
+  """The operating-system error inside `err` (tensorstore reports it as os_error_code)."""
+  if isinstance(err, OSError) and err.errno:
+    return os.strerror(err.errno)
+  code = re.search(r"os_error_code='?(\d+)", str(err))
+  return os.strerror(int(code.group(1))) if code else None
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(_to_saveable(tree)))
-  mngr.wait_until_finished()
+  """Saves `tree` as `step`; a save the filesystem refuses is a one-line UsageError, and
+  what it had written is removed."""
+  try:
+    with _quiet():
+      mngr.save(step, args=ocp.args.StandardSave(_to_saveable(tree)))
+      mngr.wait_until_finished()
+    if jax.process_index() == 0:
+      write_checksums(step_dir(mngr, step))
+  except Exception as err:  # noqa: BLE001 - sorted below: the filesystem's, or a bug
+    reason = _os_reason(err)
+    if jax.process_index() == 0:
+      _remove_partial(mngr, step)
+    if reason is None:
+      raise
+    raise UsageError(f"could not save the checkpoint of step {step} in {mngr.directory}: "
+                     f"{reason}") from None
 
 
-def latest_step(mngr: ocp.CheckpointManager) -> int | None:
-  return mngr.latest_step()
+def _remove_partial(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Removes what a failed save of `step` left: orbax's temporary directory, and the step
+  directory unless it verifies (a good checkpoint is never removed)."""
+  root = str(mngr.directory)
+  for name in os.listdir(root) if os.path.isdir(root) else []:
+    path = os.path.join(root, name)
+    if name.startswith(f"{step}.orbax-checkpoint-tmp") or (
+        name == str(step) and verify(path) is not None):
+      shutil.rmtree(path, ignore_errors=True)
+  with _quiet():
+    mngr.reload()
+
+
+def _candidates(mngr: ocp.CheckpointManager) -> list[int]:
+  """Every step directory, newest first: orbax's own list and any directory named as a
+  step (an empty one included: it must be refused, not skipped over silently)."""
+  root = str(mngr.directory)
+  named = {int(n) for n in os.listdir(root) if n.isdigit()} if os.path.isdir(root) else set()
+  return sorted(named | set(mngr.all_steps()), reverse=True)
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Moves a refused step out of orbax's directory; returns where it went."""
+  root = str(mngr.directory).rstrip(os.sep)
+  dest = os.path.join(root + "-damaged", str(step))
+  n = 1
+  while os.path.exists(dest):
+    n += 1
+    dest = os.path.join(root + "-damaged", f"{step}-{n}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(step_dir(mngr, step), dest)
+  return dest
+
+
+def restore_latest(mngr: ocp.CheckpointManager, template,
+                   report: Callable[[str], None]) -> tuple[int, Any] | None:
+  """The newest checkpoint that passes `verify` and restores, as (step, state); None when
+  there is none. Each refused one is reported through `report` in one line."""
+  found = None
+  for step in _candidates(mngr):
+    reason = verify(step_dir(mngr, step))
+    if reason is None:
+      try:
+        found = (step, restore(mngr, step, template))
+        break
+      except Exception as err:  # noqa: BLE001 - orbax raises many kinds; each is reported
+        reason = f"it does not restore: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    dest = _set_aside(mngr, step)
+    report(f"checkpoint of step {step} refused ({reason}); moved to {dest}")
+  if jax.process_count() > 1:  # every process must see the moves before it saves again
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("train.checkpoint.restore_latest")
+  with _quiet():
+    mngr.reload()
+  return found
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, template):
   """Restores `step` into the structure, dtypes and shardings of `template`."""
   leaves, treedef = jax.tree.flatten(template)
   target = {f"{i:05d}": _abstract(x) for i, x in enumerate(leaves) if x.size}
-  restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+  with _quiet():
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
   out = []
   for i, x in enumerate(leaves):
     if not x.size:

@@ -1,8 +1,9 @@
 """Command line for `python -m train.cifar`: flags -> Config -> train_and_evaluate.
 
 JAX's CPU device count must be set before any backend starts, so this module parses and
-validates everything it can before touching a device. Every user error ends in one line
-on stderr and exit code 2.
+validates everything it can (flags, config file, the run directory) before touching a
+device. Every user error ends in one line on stderr and exit code 2; a run stopped by a
+non-finite loss or gradient ends in one line and exit code 3.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ import typing
 import hggjax
 
 from train import distributed
+from train import logs
+from train import resume as resume_lib
 from train.config import (CPU_DEFAULT_DEVICES, MODEL_NAMES, Config, load_config_file,
-                          override, validate)
-from train.errors import UsageError
+                          override, set_fields, validate)
+from train.errors import NonFiniteError, UsageError
 from train.mesh import AXIS
+
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "or a dict of its fields, e.g. configs/fashion_mnist_cnn.py (default: none)")
   _add_config_flags(p)
   p.add_argument("--resume", action="store_true", help="continue the run in --log-dir from "
-                 "its latest checkpoint; pass the same flags as the original run")
+                 "its newest good checkpoint, with the settings in its config.json; a flag "
+                 "that contradicts them is refused, except for the length, logging and "
+                 "checkpoint-keeping flags (docs/training.md)")
   # Multi-process (jax.distributed); docs/multihost.md. Not Config fields: where a process
   # sits is not part of what the run computes.
   p.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (default: "
@@ -78,11 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def resolve(args: argparse.Namespace) -> tuple[Config, bool]:
+def resolve_given(args: argparse.Namespace) -> tuple[Config, bool, dict]:
+  """(config, --resume, the fields the user gave: flags, and what a --config file sets)."""
   values = vars(args).copy()
   resume = values.pop("resume", False)
   cfg = load_config_file(values.pop("config")) if "config" in values else Config()
-  return override(cfg, values), resume
+  given = {**set_fields(cfg), **values}
+  return override(cfg, values), resume, given
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, bool]:
+  cfg, resume, _ = resolve_given(args)
+  return cfg, resume
+
+
+def check_flags(cfg: Config, flags: dict) -> None:
+  """Rejects flags that would be silently ignored. (A config file's density stays: the
+  file may describe a compressed run that --compressor none turns into its baseline.)"""
+  if cfg.compressor == "none" and flags.get("density", 1.0) != 1.0:
+    raise UsageError(f"--density {flags['density']:g} has no effect with --compressor none "
+                     "(it sends every element); leave it out")
 
 
 def check(cfg: Config) -> None:
@@ -102,19 +125,30 @@ def _run(argv: list[str]) -> None:
   args = build_parser().parse_args(argv)
   spec = distributed.spec_from(*(vars(args).pop(name, None)
                                  for name in ("coordinator", "num_processes", "process_id")))
-  cfg, resume = resolve(args)
-  if resume and cfg.log_dir is None:
-    raise UsageError("--resume needs --log-dir with the run to continue")
-
+  cfg, resume, given = resolve_given(args)
+  if resume:
+    if cfg.log_dir is None:
+      raise UsageError("--resume needs --log-dir with the run to continue")
+    cfg = resume_lib.from_flags(cfg.log_dir, given)  # the run's own config.json
   check(cfg)
+  check_flags(cfg, {k: v for k, v in vars(args).items() if k not in ("resume", "config")})
+  logs.check_log_dir(cfg.log_dir if cfg.log_dir is not None else "logs")
+  if not resume and cfg.log_dir is not None and logs.holds_run(cfg.log_dir):
+    raise UsageError(f"--log-dir {cfg.log_dir} already holds a run: add --resume to "
+                     "continue it, or use another --log-dir")
 
   import jax  # pylint: disable=import-outside-toplevel
   if spec is not None:
     _run_processes(cfg, spec, argv, resume)
     return
-  # Must precede the first backend use; it only affects the CPU backend, so on a GPU host
-  # the default stays "all local GPUs".
-  jax.config.update("jax_num_cpu_devices", cfg.devices or CPU_DEFAULT_DEVICES)
+  try:
+    # Must precede the first backend use; it only affects the CPU backend, so on a GPU
+    # host the default stays "all local GPUs".
+    jax.config.update("jax_num_cpu_devices", cfg.devices or CPU_DEFAULT_DEVICES)
+  except RuntimeError:
+    # JAX already runs in this process (a caller such as a test): its devices stay, and
+    # train_and_evaluate checks that there are enough.
+    pass
 
   from train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", *argv], resume=resume)
@@ -147,8 +181,8 @@ def _run_processes(cfg: Config, spec: distributed.ProcessSpec, argv: list[str],
     # several hosts it must be a shared filesystem).
     train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", *argv], stream=stream,
                        resume=resume, checkpoint_dir=os.path.join(base, "checkpoints"))
-  except UsageError:
-    raise  # the same on every process: each exits 2 and the run ends cleanly
+  except (UsageError, NonFiniteError):
+    raise  # the same on every process: each exits 2 (or 3) and the run ends cleanly
   except Exception as err:  # noqa: BLE001 - any failure ends this process at once
     distributed.exit_on_failure(spec, err)
 
@@ -159,5 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     _run(argv)
   except UsageError as err:
     print(f"error: {err}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+  except NonFiniteError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_NONFINITE
   return 0

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
+import typing
 from typing import Any
 
 from train.errors import UsageError
@@ -18,6 +20,10 @@ from train.errors import UsageError
 MODEL_NAMES = ("cnn", "mobilenetv2", "resnet18", "resnet50", "vgg11", "vgg16")
 # Fake CPU devices when `devices` is None on a host without accelerators.
 CPU_DEFAULT_DEVICES = 4
+# Seeds feed numpy's generators (no negatives) and jax.random.key (at most 64 bits, and
+# only 32 of them without jax_enable_x64): one range that both take unchanged.
+MAX_SEED = 2**32 - 1
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def _field(default: Any, doc: str) -> Any:
@@ -75,12 +81,25 @@ class Config:
   augment: bool | None = _field(None, "random crop (pad 4) and horizontal flip (default: on "
                                 "for CIFAR, off otherwise)")
   checkpoint: bool = _field(True, "orbax checkpoints every epoch and at the end")
-  profile: bool = _field(True, "the time-breakdown pass after training (timing.json)")
+  keep_checkpoints: int = _field(2, "checkpoints kept: the newest N that were saved whole")
+  on_nonfinite: str = _field(
+      "stop", "what a non-finite loss or gradient does: stop (exit code 3, the last good "
+      "checkpoint kept) or skip (go on; the compressor already skipped that step on the "
+      "device that saw it; metrics.jsonl counts them)")
+  profile: bool | None = _field(
+      None, "the time-breakdown pass after training (timing.json) (default: only when it is "
+      "cheap: under a minute, or under a tenth of the training time)")
   profile_reps: int = _field(20, "timed rounds of the time breakdown (their median is kept)")
   synthetic_size: int = _field(256, "train and test examples of the synthetic dataset")
 
 
 FIELDS = {f.name for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def flag(name: str) -> str:
+  """The command-line flag of field `name`."""
+  return "--" + name.replace("_", "-")
 
 
 def load_config_file(path: str) -> Config:
@@ -95,12 +114,27 @@ def load_config_file(path: str) -> Config:
     raise UsageError(f"config file {path} failed to load: {type(err).__name__}: {err}") from None
   if not hasattr(module, "get_config"):
     raise UsageError(f"config file {path} has no get_config()")
-  cfg = module.get_config()
-  if isinstance(cfg, Config):
-    return cfg
+  try:
+    cfg = module.get_config()
+  except Exception as err:  # noqa: BLE001 - the user's code: its error, in one line
+    raise UsageError(f"config file {path}: get_config() raised {type(err).__name__}: "
+                     f"{str(err).splitlines()[0] if str(err) else ''}") from None
   if isinstance(cfg, dict):
-    return override(Config(), cfg)
-  raise UsageError(f"{path}: get_config() must return train.config.Config or a dict")
+    cfg = override(Config(), cfg)
+  if not isinstance(cfg, Config):
+    raise UsageError(f"{path}: get_config() must return train.config.Config or a dict")
+  try:
+    return check_types(cfg)
+  except UsageError as err:
+    raise UsageError(f"config file {path}: {err}") from None
+
+
+def set_fields(cfg: Config) -> dict[str, Any]:
+  """The fields of `cfg` that differ from the embedded default: what a config file sets
+  (a file that returns a Config cannot say which fields it assigned)."""
+  default = Config()
+  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
+          if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
 def override(cfg: Config, values: dict[str, Any]) -> Config:
@@ -110,8 +144,34 @@ def override(cfg: Config, values: dict[str, Any]) -> Config:
   return dataclasses.replace(cfg, **values)
 
 
+def _coerce(name: str, value: Any) -> Any:
+  """`value` as field `name`'s declared type; an int is a float where a float is wanted."""
+  allowed = typing.get_args(_HINTS[name]) or (_HINTS[name],)
+  if value is None and type(None) in allowed:
+    return None
+  for kind in allowed:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if kind in (bool, str) and isinstance(value, kind):
+      return value
+  names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+  raise UsageError(f"field {name} must be {names}, got {type(value).__name__} {value!r}")
+
+
+def check_types(cfg: Config) -> Config:
+  """`cfg` with every field checked against its declared type (ints taken as floats)."""
+  return dataclasses.replace(cfg, **{f.name: _coerce(f.name, getattr(cfg, f.name))
+                                     for f in dataclasses.fields(Config)})
+
+
 def validate(cfg: Config, compressor_names, model_names, dataset_names) -> None:
-  """Checks names and ranges the run would otherwise fail on deep inside JAX."""
+  """Checks types, names and ranges the run would otherwise fail on deep inside JAX."""
+  check_types(cfg)
+  for name in ("lr", "momentum", "weight_decay", "density"):
+    if not math.isfinite(getattr(cfg, name)):
+      raise UsageError(f"{flag(name)} must be a finite number, got {getattr(cfg, name)}")
   if cfg.model not in model_names:
     raise UsageError(f"unknown model {cfg.model!r}; choose from {', '.join(sorted(model_names))}")
   if cfg.dataset not in dataset_names:
@@ -122,9 +182,10 @@ def validate(cfg: Config, compressor_names, model_names, dataset_names) -> None:
                      f"{', '.join(sorted(compressor_names))}")
   if not 0.0 < cfg.density <= 1.0:
     raise UsageError(f"--density must be in (0, 1], got {cfg.density}")
-  for name in ("epochs", "batch_size", "eval_every", "log_every", "eval_batch_size"):
+  for name in ("epochs", "batch_size", "eval_every", "log_every", "eval_batch_size",
+               "synthetic_size"):
     if getattr(cfg, name) < 1:
-      raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+      raise UsageError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
   if cfg.steps is not None and cfg.steps < 1:
     raise UsageError(f"--steps must be >= 1, got {cfg.steps}")
   if cfg.devices is not None and cfg.devices < 1:
@@ -133,6 +194,17 @@ def validate(cfg: Config, compressor_names, model_names, dataset_names) -> None:
     raise UsageError(f"--min-size must be >= 0, got {cfg.min_size}")
   if cfg.lr <= 0:
     raise UsageError(f"--lr must be > 0, got {cfg.lr}")
+  if not 0 <= cfg.seed <= MAX_SEED:
+    raise UsageError(f"--seed must be in 0..{MAX_SEED}, got {cfg.seed}")
+  if cfg.keep_checkpoints < 1:
+    raise UsageError(f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+  if cfg.profile_reps < 1:
+    raise UsageError(f"--profile-reps must be >= 1, got {cfg.profile_reps}")
+  if cfg.on_nonfinite not in NONFINITE_POLICIES:
+    raise UsageError(f"--on-nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got "
+                     f"{cfg.on_nonfinite!r}")
+  if cfg.log_dir is not None and not cfg.log_dir.strip():
+    raise UsageError("--log-dir must not be empty")
 
 
 def check_divisible(cfg: Config, n_devices: int) -> None:

@@ -11,13 +11,18 @@ an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import importlib.util
+import logging
 import os
 import pickle
 import tarfile
 import threading
 import socket
+import zlib
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -79,13 +84,29 @@ _FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+def _damaged(path: str, why: str) -> UsageError:
+  return UsageError(f"{path} is damaged ({why}): reinstall it with 'apt-get install "
+                    "--reinstall dataset-fashion-mnist' or pass --data-dir with intact IDX "
+                    "files")
+
+
 def _read_idx(path: str) -> np.ndarray:
+  """An IDX file of unsigned bytes (magic 0 0 8 ndim, then ndim big-endian sizes)."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+    raise _damaged(path, f"{type(err).__name__}: {err}") from None
+  if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
+    raise _damaged(path, "no IDX header of unsigned bytes")
   ndim = data[3]
+  header = 4 + 4 * ndim
   dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+  expected = header + int(np.prod(dims))
+  if len(data) != expected:
+    raise _damaged(path, f"{len(data)} bytes where its header promises {expected}")
+  return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
 def _find(directory: str, stem: str) -> str | None:
@@ -104,6 +125,9 @@ def _load_fashion_mnist(directory: str) -> Dataset:
         f"{FASHION_MNIST_DIR}) or pass --data-dir DIR holding "
         "train-images-idx3-ubyte.gz and the three other IDX files")
   xtr, ytr, xte, yte = (_read_idx(p) for p in paths)
+  for images, labels, path in ((xtr, ytr, paths[0]), (xte, yte, paths[2])):
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+      raise _damaged(path, f"{images.shape} images for {labels.shape} labels")
   return Dataset("fashion_mnist", xtr[..., None], ytr.astype(np.int32),
                  xte[..., None], yte.astype(np.int32), 10)
 
@@ -114,37 +138,88 @@ _CIFAR_ARCHIVES = {
     "cifar10": ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"),
     "cifar100": ("cifar-100-binary.tar.gz", "cifar-100-python.tar.gz"),
 }
+# What each archive extracts to (tar xzf).
+_CIFAR_EXTRACTED = {
+    "cifar10": ("cifar-10-batches-bin", "cifar-10-batches-py"),
+    "cifar100": ("cifar-100-binary", "cifar-100-python"),
+}
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 
 
+def _tfds_dir(data_dir: str | None) -> str:
+  """Where TFDS keeps prepared datasets: --data-dir, else its own default."""
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+      os.path.join("~", "tensorflow_datasets"))
+
+
 def _load_cifar(name: str, data_dir: str | None) -> Dataset:
+  """--data-dir: the archive, the directory holding it, the extracted directory (or the
+  directory holding that), or a prepared TFDS directory; without it, TFDS's default."""
   num_classes = 10 if name == "cifar10" else 100
   if data_dir is not None:
+    if os.path.isfile(data_dir):
+      return _read_cifar_archive(name, data_dir, num_classes)
     if not os.path.isdir(data_dir):
       raise UsageError(f"--data-dir {data_dir} does not exist")
     for archive in _CIFAR_ARCHIVES[name]:
       path = os.path.join(data_dir, archive)
       if os.path.exists(path):
         return _read_cifar_archive(name, path, num_classes)
+    for path in (data_dir, *(os.path.join(data_dir, d) for d in _CIFAR_EXTRACTED[name])):
+      if os.path.isdir(path) and any(_split_of(n) for n in os.listdir(path)):
+        return _read_cifar_dir(name, path, num_classes)
+  # Without a prepared TFDS directory only a TFDS download could help, and that needs
+  # tensorflow: without it, say only what to do.
+  if (not os.path.isdir(os.path.join(_tfds_dir(data_dir), name))
+      and importlib.util.find_spec("tensorflow") is None):
+    raise _missing_cifar(name, data_dir)
   return _load_cifar_tfds(name, data_dir, num_classes)
+
+
+def _split_of(base: str) -> str | None:
+  if base.startswith("data_batch") or base in ("train.bin", "train"):
+    return "train"
+  if base.startswith("test_batch") or base in ("test.bin", "test"):
+    return "test"
+  return None
 
 
 def _read_cifar_archive(name: str, path: str, num_classes: int) -> Dataset:
   """Reads the standard binary or python-pickle CIFAR archive without TensorFlow."""
+  try:
+    with tarfile.open(path, "r:gz") as tar:
+      members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+      return _parse_cifar(name, path, num_classes,
+                          [(os.path.basename(m.name),
+                            lambda m=m: tar.extractfile(m).read()) for m in members])
+  except (OSError, EOFError, zlib.error, tarfile.TarError) as err:
+    raise UsageError(f"{path} is not a readable {name} archive ({type(err).__name__}: "
+                     f"{err}); download it again from {_CIFAR_URL}") from None
+
+
+def _read_cifar_dir(name: str, path: str, num_classes: int) -> Dataset:
+  """Reads an extracted archive (e.g. cifar-10-batches-bin/)."""
+  files = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+
+  def reader(n):
+    def read():
+      with open(os.path.join(path, n), "rb") as f:
+        return f.read()
+    return read
+
+  return _parse_cifar(name, path, num_classes, [(n, reader(n)) for n in files])
+
+
+def _parse_cifar(name: str, where: str, num_classes: int,
+                 entries: Iterable[tuple[str, Callable[[], bytes]]]) -> Dataset:
+  """Train and test splits from (file name, read) pairs of either CIFAR format."""
   splits = {"train": [], "test": []}
-  with tarfile.open(path, "r:gz") as tar:
-    for member in sorted(tar.getmembers(), key=lambda m: m.name):
-      base = os.path.basename(member.name)
-      if not member.isfile():
-        continue
-      split = None
-      if base.startswith("data_batch") or base in ("train.bin", "train"):
-        split = "train"
-      elif base.startswith("test_batch") or base in ("test.bin", "test"):
-        split = "test"
-      if split is None:
-        continue
-      raw = tar.extractfile(member).read()
+  for base, read in entries:
+    split = _split_of(base)
+    if split is None:
+      continue
+    raw = read()
+    try:
       if base.endswith(".bin"):
         label_bytes = 1 if name == "cifar10" else 2
         rec = np.frombuffer(raw, np.uint8).reshape(-1, label_bytes + 3072)
@@ -155,9 +230,12 @@ def _read_cifar_archive(name: str, path: str, num_classes: int) -> Dataset:
         labels = np.asarray(d[b"labels"] if b"labels" in d else d[b"fine_labels"])
         pixels = np.asarray(d[b"data"], np.uint8)
       images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-      splits[split].append((images, labels.astype(np.int32)))
+    except (ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
+      raise UsageError(f"{where}: {base} is not a {name} batch ({type(err).__name__}); "
+                       f"download the archive again from {_CIFAR_URL}") from None
+    splits[split].append((images, labels.astype(np.int32)))
   if not splits["train"] or not splits["test"]:
-    raise UsageError(f"{path} is not a standard {name} archive (no train/test batches)")
+    raise UsageError(f"{where} is not a standard {name} archive (no train/test batches)")
   xtr, ytr = (np.concatenate(a) for a in zip(*splits["train"]))
   xte, yte = (np.concatenate(a) for a in zip(*splits["test"]))
   return Dataset(name, xtr, ytr, xte, yte, num_classes)
@@ -180,26 +258,42 @@ def _network_reachable(host: str = "storage.googleapis.com", timeout: float = 5.
   return bool(result)
 
 
-def _missing_cifar(name: str, why: str) -> UsageError:
+def _missing_cifar(name: str, data_dir: str | None) -> UsageError:
+  where = f" in {data_dir}" if data_dir else ""
   return UsageError(
-      f"{name} not available ({why}): download {_CIFAR_ARCHIVES[name][0]} from "
-      f"{_CIFAR_URL} into a directory and pass --data-dir DIR, or pass --data-dir with a "
-      "prepared tensorflow-datasets directory")
+      f"{name} not found{where}: download {_CIFAR_ARCHIVES[name][0]} from {_CIFAR_URL} and "
+      "pass --data-dir with the archive, the directory holding it, or the directory it "
+      f"extracts to ({_CIFAR_EXTRACTED[name][0]}/)")
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS logs absl warnings (folders it looked in, hints) before the error the caller
+  turns into one line."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _load_cifar_tfds(name: str, data_dir: str | None, num_classes: int) -> Dataset:
+  """A prepared TFDS directory (`<dir>/<name>/` exists)."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise _missing_cifar(name, "tensorflow-datasets is not installed: pip install "
-                         "'hggjax[train]'") from None
+    raise UsageError(f"{_tfds_dir(data_dir)}/{name} is a tensorflow-datasets directory, and "
+                     "reading it needs tensorflow-datasets: pip install 'hggjax[train]'") from None
   splits = {}
   try:
     # array_record data sources need no TensorFlow; `download=False` never touches the
     # network (TFDS otherwise blocks on DNS for minutes here).
-    for split in ("train", "test"):
-      splits[split] = _from_data_source(tfds.data_source(name, split=split, data_dir=data_dir,
-                                                         download=False))
+    with _quiet_tfds():
+      for split in ("train", "test"):
+        splits[split] = _from_data_source(tfds.data_source(name, split=split,
+                                                           data_dir=data_dir, download=False))
   except Exception as err:  # noqa: BLE001 - TFDS raises many kinds for "not prepared"
     splits = _tfds_load_with_tf(tfds, name, data_dir, err)
   (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
@@ -217,24 +311,29 @@ def _from_data_source(source) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tfds_load_with_tf(tfds, name: str, data_dir: str | None, first_error: Exception):
-  """tfrecord-prepared directories and downloads go through tf.data (needs tensorflow)."""
+  """tfrecord-prepared directories go through tf.data (needs tensorflow)."""
+  where = f"{_tfds_dir(data_dir)}/{name}"
   try:
     import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    raise _missing_cifar(name, f"no array_record TFDS data found ({type(first_error).__name__});"
-                         " reading tfrecord data or downloading through TFDS needs "
-                         "'pip install tensorflow'") from None
+    raise UsageError(f"{where} holds no array_record data ({type(first_error).__name__}); "
+                     "tfrecord data needs 'pip install tensorflow', or pass --data-dir with "
+                     f"the {_CIFAR_ARCHIVES[name][0]} archive from {_CIFAR_URL}") from None
   download = _network_reachable()
   try:
     out = {}
-    for split in ("train", "test"):
-      ds = tfds.load(name, split=split, data_dir=data_dir, batch_size=-1, download=download)
-      ex = tfds.as_numpy(ds)
-      out[split] = (np.asarray(ex["image"], np.uint8), np.asarray(ex["label"], np.int32))
+    with _quiet_tfds():
+      for split in ("train", "test"):
+        ds = tfds.load(name, split=split, data_dir=data_dir, batch_size=-1, download=download)
+        ex = tfds.as_numpy(ds)
+        out[split] = (np.asarray(ex["image"], np.uint8), np.asarray(ex["label"], np.int32))
     return out
   except Exception as err:  # noqa: BLE001
-    why = "no network for the TFDS download" if not download else type(err).__name__
-    raise _missing_cifar(name, why) from None
+    if not os.path.isdir(where):
+      raise _missing_cifar(name, data_dir) from None
+    raise UsageError(f"{where} could not be read by TFDS ({type(err).__name__}); pass "
+                     f"--data-dir with the {_CIFAR_ARCHIVES[name][0]} archive from "
+                     f"{_CIFAR_URL}") from None
 
 
 # --- batching and augmentation -----------------------------------------------------------

@@ -128,17 +128,25 @@ def broadcast_text(text: str, max_bytes: int = 1024) -> str:
   return bytes(buf[1:buf[0] + 1].astype(np.uint8)).decode()
 
 
+def failure_message(spec: ProcessSpec, err: BaseException) -> str:
+  """One line for a failed process: its error's first line, where a message that each
+  layer of dispatch prefixed again ("Error dispatching computation: " once per pending
+  step) keeps each prefix once, so that the cause underneath fits."""
+  parts = (str(err).strip().splitlines() or [""])[0].split(": ")
+  first = ": ".join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1])[:400]
+  peers = any(s in str(err) for s in ("Gloo", "gloo", "NCCL", "Connection", "coordination"))
+  hint = (" (a peer process died or is unreachable; see its own output)" if peers else "")
+  return (f"error: process {spec.process_id} of {spec.num_processes} failed{hint}: "
+          f"{type(err).__name__}: {first}")
+
+
 def exit_on_failure(spec: ProcessSpec, err: BaseException) -> None:
   """Reports a failed multi-process run in one line and ends this process now.
 
   A process whose collective failed cannot leave cleanly: JAX's shutdown waits at a
   barrier for peers that may be dead (then aborts with pages of log). Exit code 1.
   """
-  first = (str(err).strip().splitlines() or [""])[0][:400]
-  peers = any(s in str(err) for s in ("Gloo", "gloo", "NCCL", "Connection", "coordination"))
-  hint = (" (a peer process died or is unreachable; see its own output)" if peers else "")
-  print(f"error: process {spec.process_id} of {spec.num_processes} failed{hint}: "
-        f"{type(err).__name__}: {first}", file=sys.stderr, flush=True)
+  print(failure_message(spec, err), file=sys.stderr, flush=True)
   os._exit(1)  # pylint: disable=protected-access
 
 
@@ -152,10 +160,32 @@ def free_port(host: str = "127.0.0.1") -> int:
 @dataclasses.dataclass
 class ProcessResult:
   process_id: int
-  returncode: int | None  # None: killed at the deadline
+  returncode: int | None  # None: killed by the launcher; < 0: -signal, as subprocess has it
   stdout: str
   stderr: str
   seconds: float
+  killed_because: str | None = None  # why the launcher killed it
+
+
+def describe_exit(r: ProcessResult) -> str:
+  """How a process ended, for a person: its exit code, or the signal that killed it."""
+  if r.returncode is None:
+    return f"killed by the launcher (SIGKILL) after {r.seconds:.0f} s: {r.killed_because}"
+  if r.returncode < 0:
+    try:
+      name = signal.Signals(-r.returncode).name
+    except ValueError:
+      name = "signal"
+    return f"killed by {name} (signal {-r.returncode}) after {r.seconds:.0f} s"
+  return f"exited with code {r.returncode} after {r.seconds:.0f} s"
+
+
+def exit_code(r: ProcessResult) -> int:
+  """The shell's convention: the code itself, 128 + N for signal N, 1 when the launcher
+  killed it."""
+  if r.returncode is None:
+    return 1
+  return 128 - r.returncode if r.returncode < 0 else r.returncode
 
 
 def launch_local(args: Sequence[str], num_processes: int, *, timeout_s: float,
@@ -196,14 +226,16 @@ def launch_local(args: Sequence[str], num_processes: int, *, timeout_s: float,
                                     stdout=out, stderr=err, start_new_session=True))
     ended = [None] * num_processes
     deadline = start + timeout_s
+    why = f"the time limit of {timeout_s:g} s passed"
     try:
       while any(e is None for e in ended):
         now = time.monotonic()
         for i, p in enumerate(procs):
           if ended[i] is None and p.poll() is not None:
             ended[i] = now - start
-            if p.returncode != 0:
-              deadline = min(deadline, now + grace_s)
+            if p.returncode != 0 and now + grace_s < deadline:
+              deadline = now + grace_s
+              why = f"still running {grace_s:g} s after process {i} failed"
         if now >= deadline:
           break
         if on_tick is not None:
@@ -226,7 +258,8 @@ def launch_local(args: Sequence[str], num_processes: int, *, timeout_s: float,
         err.close()
       killed = ended[i] is None
       results.append(ProcessResult(i, None if killed else p.returncode, stdout, stderr,
-                                   time.monotonic() - start if killed else ended[i]))
+                                   time.monotonic() - start if killed else ended[i],
+                                   why if killed else None))
   return results
 
 
@@ -246,14 +279,12 @@ def main(argv: list[str] | None = None) -> int:
   if not args:
     parser.error("give the command after --, e.g. -- -m train.cifar --steps 20")
   results = launch_local(args, ns.num_processes, timeout_s=ns.timeout, capture=False)
-  worst = 0
-  for r in results:
-    if r.returncode is None:
-      print(f"process {r.process_id}: killed after {r.seconds:.0f} s", file=sys.stderr)
-      worst = worst or 1
-    elif r.returncode != 0:
-      worst = worst or r.returncode
-  return worst
+  # The first to fail is usually the cause; the others failed or were killed after it.
+  failed = sorted((r for r in results if r.returncode != 0), key=lambda r: r.seconds)
+  for n, r in enumerate(failed):
+    print(f"process {r.process_id} of {ns.num_processes}: {describe_exit(r)}"
+          + (" (the first to fail)" if n == 0 and len(failed) > 1 else ""), file=sys.stderr)
+  return exit_code(failed[0]) if failed else 0
 
 
 if __name__ == "__main__":

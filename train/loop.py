@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Any, TextIO
 
@@ -17,10 +18,11 @@ from train import logs
 from train import mesh as mesh_lib
 from train import optim
 from train import profile
+from train import progress
+from train import resume as resume_lib
 from train import steps
 from train.config import Config, check_divisible
-from train.errors import UsageError
-
+from train.errors import NonFiniteError, UsageError
 
 def default_device_count() -> int:
   """All local devices (on a CPU-only host: the fake CPU devices the CLI configured)."""
@@ -35,6 +37,22 @@ def _format_bytes(n: float) -> str:
   return f"{n:.1f} GiB"
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs besides the state: sizes, files, and what is saved."""
+  cfg: Config
+  ds: data_lib.Dataset
+  log: logs.RunLog
+  n_dev: int
+  spe: int       # steps per epoch
+  total: int     # steps of the whole run (the LR schedule's length)
+  end: int       # where this call stops
+  augment: bool
+  mngr: Any      # orbax CheckpointManager, or None with --no-checkpoint
+  checkpoint_dir: str
+  last_saved: int | None = None  # the newest checkpoint on disk that is known good
+
+
 def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bool = False,
                        stop_after: int | None = None, dataset: data_lib.Dataset | None = None,
                        stream: TextIO | None = None,
@@ -44,7 +62,8 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
   Args:
     cfg: the resolved run configuration.
     argv: the command line, stored in argv.json.
-    resume: continue from the latest checkpoint in `cfg.log_dir`.
+    resume: continue the run in `cfg.log_dir` from its newest good checkpoint; `cfg` must
+      be that run's config.json up to the fields `train.resume.CHANGEABLE` lists.
     stop_after: stop (and checkpoint) once this many steps are done, without changing
       the schedule; `None` trains to the end. Used to test resume.
     dataset: an already loaded dataset (tests); by default `cfg.dataset` is loaded.
@@ -52,6 +71,11 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
     checkpoint_dir: where orbax keeps checkpoints (default <log_dir>/checkpoints). In a
       multi-process run every process passes the same directory: each writes its own
       shards there and process 0 the metadata.
+
+  Raises:
+    UsageError: a problem the user can fix, in one line.
+    NonFiniteError: a non-finite loss or gradient with `on_nonfinite="stop"`; the run
+      directory keeps the checkpoints from before it.
   """
   ds = dataset or data_lib.load_dataset(cfg.dataset, cfg.data_dir,
                                         synthetic_size=cfg.synthetic_size)
@@ -64,25 +88,83 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
     raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(ds.train_labels)} "
                      "training examples")
   total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
-  end = total if stop_after is None else min(total, stop_after)
-  do_augment = cfg.augment if cfg.augment is not None else cfg.dataset.startswith("cifar")
   if cfg.log_dir is None:
     cfg = dataclasses.replace(cfg, log_dir=logs.default_run_dir(cfg))
+  changed = resume_lib.changes(cfg, cfg.log_dir) if resume else {}
+  if not resume and logs.holds_run(cfg.log_dir):
+    raise UsageError(f"{cfg.log_dir} already holds a run (config.json): pass --resume to "
+                     "continue it, or use another --log-dir")
+  created = not os.path.exists(cfg.log_dir)
   log = logs.RunLog(cfg.log_dir, stream)
+  run = _Run(cfg, ds, log, n_dev, spe, total,
+             end=total if stop_after is None else min(total, stop_after),
+             augment=cfg.augment if cfg.augment is not None else cfg.dataset.startswith("cifar"),
+             mngr=None,
+             checkpoint_dir=checkpoint_dir or os.path.join(cfg.log_dir, "checkpoints"))
+  try:
+    try:
+      state = _start(run, argv, resume, changed)
+    except BaseException:
+      if created:  # the run never started: leave nothing behind
+        log.close()
+        shutil.rmtree(cfg.log_dir, ignore_errors=True)
+      raise
+    return _train(run, state)
+  finally:
+    log.close()
 
-  mesh = mesh_lib.make_mesh(n_dev)
-  state = steps.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, total)
-  checkpoint_dir = checkpoint_dir or os.path.join(cfg.log_dir, "checkpoints")
-  mngr = checkpoint.manager(checkpoint_dir) if cfg.checkpoint else None
-  if resume:
-    last = checkpoint.latest_step(mngr) if mngr else None
-    if last is None:
-      raise UsageError(f"--resume: no checkpoint in {checkpoint_dir}")
-    restored = checkpoint.restore(mngr, last, state.arrays())
-    state = dataclasses.replace(state, step=last, **restored)
-    log.line(f"resumed from step {last}")
-  log.write_run_info(argv or [], cfg)
 
+def _start(run: _Run, argv, resume: bool, changed: dict) -> steps.TrainState:
+  """The initial (or restored) state; writes the run's argv.json and config.json."""
+  cfg, log = run.cfg, run.log
+  mesh = mesh_lib.make_mesh(run.n_dev)
+  state = steps.create_train_state(cfg, run.ds.image_shape, run.ds.num_classes, mesh,
+                                   run.total)
+  if cfg.checkpoint:
+    run.mngr = checkpoint.manager(run.checkpoint_dir, cfg.keep_checkpoints)
+  if not resume:
+    log.write_run_info(argv or [], cfg)
+    return state
+  if run.mngr is None:
+    raise UsageError(f"--resume: the run in {cfg.log_dir} keeps no checkpoints "
+                     "(--no-checkpoint)")
+  found = checkpoint.restore_latest(run.mngr, state.arrays(), log.line)
+  if found is None:
+    raise UsageError(f"--resume: no usable checkpoint in {run.checkpoint_dir}")
+  last, restored = found
+  run.last_saved = last
+  log.resume_at(last)
+  if changed:
+    log.write_json("config.json", dataclasses.asdict(cfg))
+    log.line("resumed with " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                         for k, (old, new) in changed.items()))
+  log.line(f"resumed from step {last}")
+  return dataclasses.replace(state, step=last, **restored)
+
+
+class _Watch:
+  """The per-step non-finite flags since the last check, read only at checks (log steps
+  and before checkpoints): the loop never waits on the device for them."""
+
+  def __init__(self):
+    self.pending: list[tuple[int, jax.Array]] = []
+    self.unreported = 0  # non-finite steps not yet counted in a metrics.jsonl line
+
+  def add(self, step: int, flag: jax.Array) -> None:
+    self.pending.append((step, flag))
+
+  def check(self) -> list[int]:
+    """The steps (counted from 1) whose loss or gradient was non-finite, since the last
+    check."""
+    flags = jax.device_get([f for _, f in self.pending])
+    bad = [step for (step, _), f in zip(self.pending, flags) if f]
+    self.pending.clear()
+    self.unreported += len(bad)
+    return bad
+
+
+def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
+  cfg, ds, log, mesh = run.cfg, run.ds, run.log, state.mesh
   step_fn = steps.make_train_step(state)
   eval_fn = steps.make_eval_step(state)
   leaf_index, leaf_group, leaf_path = diagnostics.largest_leaf(state.params, cfg.min_size)
@@ -90,9 +172,10 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
   if cfg.compressor != "none":
     probe_fn = diagnostics.make_threshold_probe(state, leaf_index, cfg)
   rows = mesh_lib.process_rows(mesh, cfg.batch_size)  # this process feeds only these rows
-  schedule = optim.lr_schedule(cfg, total)
-  log.line(f"{cfg.dataset} {cfg.model} {cfg.compressor}@{cfg.density:g} on {n_dev} "
-           f"{jax.devices()[0].platform} devices: {total} steps ({spe}/epoch), "
+  schedule = optim.lr_schedule(cfg, run.total)
+  name = cfg.compressor if cfg.compressor == "none" else f"{cfg.compressor}@{cfg.density:g}"
+  log.line(f"{cfg.dataset} {cfg.model} {name} on {run.n_dev} "
+           f"{jax.devices()[0].platform} devices: {run.total} steps ({run.spe}/epoch), "
            f"batch {cfg.batch_size}, log dir {cfg.log_dir}")
 
   def evaluate(epoch: float) -> dict[str, Any]:
@@ -102,81 +185,113 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
              f"{100 * result['test_accuracy']:.2f}% loss {result['test_loss']:.4f}")
     return result
 
+  def train_entry(metrics, exact, lap) -> dict[str, Any]:
+    nonlocal last_stats
+    metrics = jax.device_get(metrics)
+    last_stats = diagnostics.compressor_stats(state.opt_state, leaf_group)
+    thr = last_stats.pop("_threshold", None)
+    rel_err = None
+    if exact is not None and thr is not None:
+      exact = np.asarray(exact, np.float64)
+      if np.all(exact > 0) and thr.shape == exact.shape:
+        rel_err = float(np.mean(np.abs(thr - exact) / exact))
+    entry = {"kind": "train", "step": state.step, "epoch": state.step / run.spe,
+             "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
+             "lr": float(schedule(state.step - 1)), **lap,
+             "nonfinite_steps": watch.unreported, **last_stats,
+             "threshold_rel_err": rel_err, "threshold_leaf": leaf_path}
+    watch.unreported = 0
+    log.record(entry)
+    return entry
+
+  def stop(bad: list[int], metrics) -> None:
+    """Ends the run after a non-finite step: its line, summary.json, then the error."""
+    if not log_now:
+      train_entry(metrics, None, {"steps_per_s": None, "samples_per_s": None, "eta_s": None})
+    where = f"at step {bad[0]}" + (f" (and {len(bad) - 1} later)" if len(bad) > 1 else "")
+    kept = (f"the last good checkpoint is step {run.last_saved} in {run.checkpoint_dir}"
+            if run.last_saved is not None else "no checkpoint was saved before it")
+    message = (f"non-finite loss or gradient {where}: stopped at step {state.step}; {kept} "
+               "(--on-nonfinite skip trains on instead)")
+    log.write_json("summary.json", {"step": state.step, "total_steps": run.total,
+                                    "devices": run.n_dev, "log_dir": cfg.log_dir,
+                                    "stopped": message})
+    raise NonFiniteError(message)
+
+  def save() -> None:
+    checkpoint.save(run.mngr, state.step, state.arrays())
+    run.last_saved = state.step
+
   last_eval: dict[str, Any] = {}
   last_stats: dict[str, Any] = {}
   compile_s = None
   text = ""
-  t_mark, samples_since, paused = None, 0, 0.0  # paused: eval/checkpoint time, not training
+  clock = progress.Clock(cfg.batch_size, run.end)
+  watch = _Watch()
+  metrics = None
   t_start = time.perf_counter()
-  while state.step < end:
+  while state.step < run.end:
     step = state.step
     images, labels = mesh_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
-        ds, step, cfg.batch_size, cfg.seed, do_augment, rows=rows))
-    log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end
+        ds, step, cfg.batch_size, cfg.seed, run.augment, rows=rows))
+    log_now = (step + 1) % cfg.log_every == 0 or step + 1 == run.end
     exact = None
     if log_now and probe_fn is not None:
       exact = probe_fn(state.params, state.batch_stats, state.opt_state, images, labels)
     t0 = time.perf_counter()
     state, metrics = steps.train_step(state, step_fn, images, labels)
+    watch.add(state.step, metrics["nonfinite"])
     if compile_s is None:
       jax.block_until_ready(metrics)
       compile_s = time.perf_counter() - t0  # first step: compilation plus one step
-      t_mark, samples_since = time.perf_counter(), 0  # rates exclude the compiling step
+      clock.started(state.step)  # rates exclude the compiling step
     else:
-      samples_since += cfg.batch_size
+      clock.stepped()
     if log_now:
-      metrics = jax.device_get(metrics)  # syncs: the interval below is honest wall time
-      now = time.perf_counter()
-      rate = samples_since / (now - t_mark - paused) if samples_since else None
-      t_mark, samples_since, paused = now, 0, 0.0
-      last_stats = diagnostics.compressor_stats(state.opt_state, leaf_group)
-      thr = last_stats.pop("_threshold", None)
-      rel_err = None
-      if exact is not None and thr is not None:
-        exact = np.asarray(exact, np.float64)
-        if np.all(exact > 0) and thr.shape == exact.shape:
-          rel_err = float(np.mean(np.abs(thr - exact) / exact))
-      entry = {"kind": "train", "step": state.step, "epoch": state.step / spe,
-               "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
-               "lr": float(schedule(step)),
-               "samples_per_s": rate, **last_stats,
-               "threshold_rel_err": rel_err, "threshold_leaf": leaf_path}
-      log.record(entry)
-      text = (f"step {state.step}/{total} loss {entry['loss']:.4f} acc "
-              f"{100 * entry['accuracy']:.1f}% lr {entry['lr']:.4g}"
-              + (f" {rate:.0f} samples/s" if rate else ""))
+      jax.block_until_ready(metrics)  # the interval below is honest wall time
+      lap = clock.lap(state.step)
+      bad = watch.check()
+      entry = train_entry(metrics, exact, lap)
+      if bad and cfg.on_nonfinite == "stop":
+        stop(bad, metrics)
+      skipped = f" ({entry['nonfinite_steps']} non-finite steps skipped)" if bad else ""
+      text = (f"step {state.step}/{run.total} loss {entry['loss']:.4f} acc "
+              f"{100 * entry['accuracy']:.1f}% lr {entry['lr']:.4g}{skipped}; "
+              + progress.describe(lap)).rstrip("; ")
       if not log.tty:
         log.line(text)
     if log.tty:  # redrawn every step; the text changes at log steps (no extra host sync)
-      log.progress(state.step, total, text)
-    epoch_done = state.step % spe == 0
-    if epoch_done and state.step < end:
+      log.progress(state.step, run.total, text)
+    epoch_done = state.step % run.spe == 0
+    if epoch_done and state.step < run.end:
       jax.block_until_ready(state.params)  # training up to here counts as training time
       t_pause = time.perf_counter()
-      epoch = state.step // spe
+      bad = watch.check()  # never checkpoint a state that followed a non-finite step
+      if bad and cfg.on_nonfinite == "stop":
+        stop(bad, metrics)
+      epoch = state.step // run.spe
       if epoch % cfg.eval_every == 0:
         last_eval = evaluate(epoch)
-      if mngr:
-        checkpoint.save(mngr, state.step, state.arrays())
-      paused += time.perf_counter() - t_pause
+      if run.mngr:
+        save()
+      clock.pause(time.perf_counter() - t_pause)
   train_s = time.perf_counter() - t_start
 
-  last_eval = evaluate(state.step / spe)
-  if mngr and mngr.latest_step() != state.step:
-    checkpoint.save(mngr, state.step, state.arrays())
+  log_now = True  # the last step logged its line: stop() adds none
+  bad = watch.check()
+  if bad and cfg.on_nonfinite == "stop":
+    stop(bad, metrics)
+  last_eval = evaluate(state.step / run.spe)
+  if run.mngr and run.mngr.latest_step() != state.step:
+    save()
 
   timing = None
-  if cfg.profile and state.step == total:
-    batch = mesh_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
-        ds, 0, cfg.batch_size, cfg.seed, do_augment, rows=rows))
-    timing = profile.time_breakdown(state, cfg, batch, step_fn, reps=cfg.profile_reps)
-    log.write_json("timing.json", timing)
-    log.line(profile.describe(timing))
+  if state.step == run.total and cfg.profile is not False:
+    timing = _profile(run, state, step_fn, rows, compile_s, clock.per_step_s(), train_s)
 
-  summary = {"step": state.step, "total_steps": total, "train_wall_s": train_s,
-             "first_step_s": compile_s, "devices": n_dev, "log_dir": cfg.log_dir,
-             **last_eval,
-             **last_stats, "timing": timing}
+  summary = {"step": state.step, "total_steps": run.total, "train_wall_s": train_s,
+             "first_step_s": compile_s, "devices": run.n_dev, "log_dir": cfg.log_dir,
+             **last_eval, **last_stats, "timing": timing}
   log.write_json("summary.json", summary)
   if "sent_bytes" in last_stats:
     ratio = last_stats["sent_bytes"] / max(1.0, last_stats["dense_bytes"])
@@ -186,3 +301,24 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
     log.line(f"final test accuracy {100 * last_eval['test_accuracy']:.2f}% after {state.step} "
              f"steps; training wall time {train_s:.1f} s")
   return summary
+
+
+def _profile(run: _Run, state, step_fn, rows, compile_s, per_step_s, train_s):
+  """The time breakdown (timing.json): with --profile, or by default when it is cheap
+  (`profile.wanted`)."""
+  cfg = run.cfg
+  if cfg.profile is None:
+    if compile_s is None:  # resumed at the end: nothing was trained to compare it with
+      return None
+    cheap, estimate = profile.wanted(compile_s, per_step_s or compile_s, cfg.profile_reps,
+                                     train_s)
+    if not cheap:
+      run.log.line(f"time breakdown skipped: it would take about {logs.duration(estimate)} "
+                   f"after {logs.duration(train_s)} of training (--profile runs it anyway)")
+      return None
+  batch = mesh_lib.shard_batch(state.mesh, cfg.batch_size, *data_lib.train_batch(
+      run.ds, 0, cfg.batch_size, cfg.seed, run.augment, rows=rows))
+  timing = profile.time_breakdown(state, cfg, batch, step_fn, reps=cfg.profile_reps)
+  run.log.write_json("timing.json", timing)
+  run.log.line(profile.describe(timing))
+  return timing

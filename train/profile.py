@@ -7,12 +7,15 @@ compiled and run once before timing, and each timed call ends in
 - step:      the real train step (gradient, compression, exchange, optimizer), on a copy
              of the state (it is donated), each call continuing from the last.
 - compute:   per-device forward + backward only (BatchNorm statistics still pmean'd).
-- selection: the trained compressor built with `axis_name=None` (local compress +
-             decompress, no collective) on that step's gradients as the compressor
+- compressor_update: the compressor's whole update without an exchange: the trained
+             compressor built with `axis_name=None` (selection, error feedback and
+             momentum, local decompress) on that step's gradients as the compressor
              receives them; its state is fed forward between calls so history-based
              methods run warm.
-- exchange_and_update: step - compute - selection, i.e. the collective exchange plus the
-             optimizer; derived, so it carries the noise of all three measurements.
+- exchange_and_update: step - compute - compressor_update, i.e. the collective exchange
+             plus the optimizer; derived, so it carries the noise of all three
+             measurements. When that noise makes it negative it is reported as 0 with
+             `exchange_and_update_below_noise` set: a time is never negative.
 - dense_allreduce: a `pmean` of the full gradients, for comparison with a dense exchange.
 """
 
@@ -83,7 +86,7 @@ def time_breakdown(state: TrainState, cfg, batch, step_fn=None,
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
                      out_specs=(P(AXIS), P(AXIS)))
-  def selection(grads, cstate, params):
+  def compressor_update(grads, cstate, params):
     grads = jax.tree.map(lambda g: g[0], grads)
     cstate = jax.tree.map(lambda x: x[0], cstate)
     updates, cstate = local_tx.update(grads, cstate, params)
@@ -103,23 +106,54 @@ def time_breakdown(state: TrainState, cfg, batch, step_fn=None,
                                                    state.opt_state)), images, labels),
                lambda args, out: (*out[:3], *args[3:])),
       "compute": (compute, (state.params, state.batch_stats, images, labels), None),
-      "selection": (selection, (updates, local_state, state.params),
-                    lambda args, out: (args[0], out[1], args[2])),
+      "compressor_update": (compressor_update, (updates, local_state, state.params),
+                            lambda args, out: (args[0], out[1], args[2])),
       "dense_allreduce": (dense_allreduce, (grads,), None),
   }, reps)
+  return summarize(t, reps=reps, devices=n_dev, global_batch=int(images.shape[0]))
+
+
+def summarize(t: dict[str, float], *, reps: int, devices: int,
+              global_batch: int) -> dict[str, Any]:
+  """timing.json from the medians of `interleaved_medians` (seconds per piece)."""
+  derived = t["step"] - t["compute"] - t["compressor_update"]
   return {
       "method": "separately jitted shard_map pieces, interleaved, median of reps, "
                 "block_until_ready",
-      "reps": reps, "devices": n_dev, "global_batch": int(images.shape[0]),
-      "step_s": t["step"], "compute_s": t["compute"], "selection_s": t["selection"],
-      "exchange_and_update_s": t["step"] - t["compute"] - t["selection"],
+      "reps": reps, "devices": devices, "global_batch": global_batch,
+      "step_s": t["step"], "compute_s": t["compute"],
+      "compressor_update_s": t["compressor_update"],
+      "exchange_and_update_s": max(0.0, derived),
+      "exchange_and_update_below_noise": derived <= 0.0,
       "dense_allreduce_s": t["dense_allreduce"],
   }
 
 
+# Unless asked for (--profile) or not (--no-profile), the pass runs when it is cheap: under
+# a minute, or under a tenth of the training time it follows.
+AUTO_ALWAYS_S = 60.0
+AUTO_SHARE = 0.1
+
+
+def estimate_s(first_step_s: float, step_s: float, reps: int) -> float:
+  """About how long `time_breakdown` takes, from the run's own first (compiling) step and
+  step time: three more pieces to compile, then 1 + reps rounds of four step-sized calls."""
+  return 3 * first_step_s + 4 * (reps + 1) * step_s
+
+
+def wanted(first_step_s: float, step_s: float, reps: int,
+           train_s: float) -> tuple[bool, float]:
+  """(whether the pass is cheap enough to run by default, its estimated seconds)."""
+  estimate = estimate_s(first_step_s, step_s, reps)
+  return estimate <= max(AUTO_ALWAYS_S, AUTO_SHARE * train_s), estimate
+
+
 def describe(t: dict[str, Any]) -> str:
   ms = lambda s: f"{1e3 * s:.1f} ms"  # noqa: E731
+  exchange = ("~0 ms (derived; below the measurement noise)"
+              if t["exchange_and_update_below_noise"]
+              else f"{ms(t['exchange_and_update_s'])} (derived)")
   return (f"time per step ({t['devices']} devices, median of {t['reps']}): step {ms(t['step_s'])}"
-          f" = compute {ms(t['compute_s'])} + selection {ms(t['selection_s'])} + exchange and "
-          f"update {ms(t['exchange_and_update_s'])} (derived); dense all-reduce alone "
-          f"{ms(t['dense_allreduce_s'])}")
+          f" = compute {ms(t['compute_s'])} + compressor update (local, no exchange) "
+          f"{ms(t['compressor_update_s'])} + exchange and update {exchange}; dense all-reduce "
+          f"alone {ms(t['dense_allreduce_s'])}")

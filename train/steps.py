@@ -105,7 +105,13 @@ def make_train_step(state: TrainState) -> Callable:
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-    metrics = {"loss": jax.lax.pmean(loss, AXIS), "accuracy": jax.lax.pmean(accuracy, AXIS)}
+    # 1 when any device's loss or gradient was NaN/Inf (the compressor then skipped the
+    # step on that device). Reduced here so that the host reads one replicated flag, at
+    # log steps and before checkpoints only: no extra sync per step.
+    grads_bad = jnp.max(hggjax.stats(opt_state)["nonfinite"]) > 0
+    bad = jnp.logical_or(jnp.logical_not(jnp.isfinite(loss)), grads_bad)
+    metrics = {"loss": jax.lax.pmean(loss, AXIS), "accuracy": jax.lax.pmean(accuracy, AXIS),
+               "nonfinite": jax.lax.pmax(bad.astype(jnp.int32), AXIS)}
     return params, new_stats, opt_state, metrics
 
   return train_step

@@ -46,3 +46,26 @@ def compressor_calls(monkeypatch):
 
   monkeypatch.setattr(hggjax, "get_compressor", record)
   return calls
+
+
+# `python -m train.cifar` flags of a tiny run on 4 devices (with `tiny_cli`).
+TINY_FLAGS = ["--dataset", "synthetic", "--batch-size", "16", "--eval-batch-size", "16",
+              "--devices", "4", "--min-size", "1000", "--density", "0.1"]
+
+
+def use_tiny_dataset(monkeypatch, dataset) -> None:
+  """`--dataset synthetic` loads `dataset` (8x8 images) instead of the 28x28 default."""
+  from train import data  # pylint: disable=import-outside-toplevel
+  real = data.load_dataset
+
+  def load(name, *args, **kwargs):
+    return dataset if name == "synthetic" else real(name, *args, **kwargs)
+
+  monkeypatch.setattr(data, "load_dataset", load)
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tiny_dataset):
+  """train.cli.main in this process on the tiny dataset; returns TINY_FLAGS."""
+  use_tiny_dataset(monkeypatch, tiny_dataset)
+  return list(TINY_FLAGS)

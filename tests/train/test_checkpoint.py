@@ -1,8 +1,11 @@
-"""Checkpoints: 2 steps + resume for 2 more == 4 uninterrupted steps, bit for bit."""
+"""Checkpoints: 2 steps + resume for 2 more == 4 uninterrupted steps, bit for bit; saves the
+filesystem refuses; how many are kept. (Damaged checkpoints: test_resume.py.)"""
 
 import dataclasses
 import io
 import os
+import resource
+import signal
 
 import hggjax
 import jax
@@ -56,7 +59,29 @@ def test_resume_is_bit_identical(tiny_config, tiny_dataset, tmp_path):
   assert second["test_loss"] == reference["test_loss"]
 
 
-def test_resume_without_checkpoint_is_a_usage_error(tiny_config, tiny_dataset):
+def test_resume_without_a_run_is_a_usage_error(tiny_config, tiny_dataset):
   cfg = tiny_config(checkpoint=True)
-  with pytest.raises(UsageError, match="no checkpoint"):
+  with pytest.raises(UsageError, match="--resume: .* does not exist"):
     train_and_evaluate(cfg, dataset=tiny_dataset, resume=True, stream=io.StringIO())
+
+
+def test_a_save_the_disk_refuses_is_one_line_and_leaves_no_temporary(tmp_path):
+  """RLIMIT_FSIZE refuses the data file as a full disk would (EFBIG instead of ENOSPC)."""
+  tree = {"w": jax.numpy.arange(100_000, dtype=jax.numpy.float32)}  # ~400 KB of data
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"), keep=2)
+  checkpoint.save(mngr, 1, tree)
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old_limit[1]))
+  try:
+    with pytest.raises(UsageError, match=r"could not save the checkpoint of step 2 in .*ckpt: "
+                       "File too large$"):
+      checkpoint.save(mngr, 2, tree)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+  assert os.listdir(tmp_path / "ckpt") == ["1"]  # no temporary, the good one intact
+  assert checkpoint.verify(str(tmp_path / "ckpt" / "1")) is None
+  checkpoint.save(mngr, 2, tree)  # the step can be saved once there is room
+  checkpoint.save(mngr, 3, tree)
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["2", "3"]  # keep=2

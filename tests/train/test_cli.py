@@ -98,8 +98,10 @@ def test_help_explains_every_flag():
 
 # Flags and the Config fields they set; together they cover every field.
 FLAG_CASES = [
-    (["--no-checkpoint", "--no-profile", "--batch-size", "32", "--min-size", "0"],
-     {"checkpoint": False, "profile": False, "batch_size": 32, "min_size": 0}),
+    (["--no-checkpoint", "--no-profile", "--batch-size", "32", "--min-size", "0",
+      "--keep-checkpoints", "3", "--on-nonfinite", "skip"],
+     {"checkpoint": False, "profile": False, "batch_size": 32, "min_size": 0,
+      "keep_checkpoints": 3, "on_nonfinite": "skip"}),
     (["--checkpoint", "--profile", "--augment", "--use-pipeline"],
      {"checkpoint": True, "profile": True, "augment": True, "use_pipeline": True}),
     (["--no-augment", "--no-momentum-correction", "--momentum", "0.5", "--weight-decay", "0"],
@@ -135,5 +137,88 @@ def test_smoke_config_runs_end_to_end(tmp_path):
                    str(log_dir), timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "final test accuracy" in result.stdout
-  assert "none@0.1 on 4 cpu devices" in result.stdout
+  assert "synthetic cnn none on 4 cpu devices" in result.stdout  # none: no density
   assert (log_dir / "metrics.jsonl").exists()
+
+
+def _config_file(tmp_path, body):
+  path = tmp_path / "cfg.py"
+  path.write_text(body)
+  return str(path)
+
+
+def _file(tmp_path):
+  (tmp_path / "file").write_text("x")
+  return str(tmp_path / "file")
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda t: ["--log-dir", _file(t)], "is a file, not a directory"),
+    (lambda t: ["--log-dir", os.path.join(_file(t), "run")], "file is a file, not a directory"),
+    (lambda t: ["--log-dir", ""], "--log-dir must not be empty"),
+    (lambda t: ["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
+    (lambda t: ["--seed", "1" * 23], "--seed must be in 0..4294967295, got 1111"),
+    (lambda t: ["--compressor", "none", "--density", "0.5"],
+     "--density 0.5 has no effect with --compressor none"),
+    (lambda t: ["--on-nonfinite", "ignore"], "--on-nonfinite must be one of stop, skip"),
+    (lambda t: ["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+    (lambda t: ["--config", _config_file(t, "def get_config():\n  return {'epochs': 'three'}\n")],
+     "field epochs must be int, got str 'three'"),
+    (lambda t: ["--config", _config_file(
+        t, "from train.config import Config\n"
+        "def get_config():\n  return Config(lr='0.1')\n")], "field lr must be float, got str"),
+    (lambda t: ["--config", _config_file(t, "def get_config():\n  raise KeyError('data')\n")],
+     "get_config() raised KeyError: 'data'"),
+])
+def test_more_user_errors_are_one_line(make_args, message, tmp_path, capsys):
+  """Each stops before anything is created (the run directory included) or JAX starts."""
+  args = make_args(tmp_path)
+  if "--log-dir" not in args:
+    args += ["--log-dir", str(tmp_path / "run")]
+  assert cli.main(args) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_read_only_log_dir(tmp_path, monkeypatch, capsys):
+  """As root every directory is writable, so the read-only filesystem is simulated the way
+  the kernel reports it: access() refuses and statvfs() says read-only."""
+  ro = str(tmp_path)
+  real_access, real_statvfs = os.access, os.statvfs
+  monkeypatch.setattr(os, "access", lambda p, m: False if p == ro else real_access(p, m))
+
+  class _ReadOnly:
+    f_flag = os.ST_RDONLY
+
+  monkeypatch.setattr(os, "statvfs", lambda p: _ReadOnly() if p == ro else real_statvfs(p))
+  assert cli.main(["--log-dir", os.path.join(ro, "run")]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines == [f"error: --log-dir {ro}/run: {ro} is not writable (read-only filesystem)"]
+
+
+def test_a_full_disk_is_one_line(tmp_path):
+  """RLIMIT_FSIZE refuses writes past a size as a full disk refuses all of them."""
+  import resource  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  from train import logs  # pylint: disable=import-outside-toplevel
+  log = logs.RunLog(str(tmp_path / "run"))
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (64, old_limit[1]))
+  try:
+    with pytest.raises(UsageError, match=r"cannot write .*summary.json: File too large"):
+      log.write_json("summary.json", {"x": "y" * 1000})
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+  assert not os.listdir(tmp_path / "run")  # no half-written file left
+
+
+def test_dense_runs_are_named_without_density():
+  from train import logs  # pylint: disable=import-outside-toplevel
+  name = os.path.basename(logs.default_run_dir(Config(compressor="none", seed=2)))
+  assert name.startswith("fashion_mnist-cnn-none-s2-")
+  assert "-d0.01-" in logs.default_run_dir(Config())
+  cli.check_flags(Config(compressor="none"), {"density": 1.0})  # compare's dense run

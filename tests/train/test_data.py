@@ -33,6 +33,52 @@ def test_fashion_mnist_idx_reader(tmp_path):
   np.testing.assert_array_equal(ds.test_labels, yte)
 
 
+def _fashion_mnist_files(directory):
+  rng = np.random.default_rng(0)
+  arrays = (rng.integers(0, 256, (6, 28, 28)), np.arange(6) % 10,
+            rng.integers(0, 256, (4, 28, 28)), np.arange(4) % 10)
+  for stem, arr in zip(data._FMNIST_FILES, arrays):  # pylint: disable=protected-access
+    _write_idx(directory / (stem + ".gz"), arr)
+  return directory / "train-images-idx3-ubyte.gz"
+
+
+def _truncate_gzip(path):
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) // 2])
+
+
+def _garbage(path):
+  path.write_bytes(b"not a gzip file at all")
+
+
+def _short_payload(path):
+  with gzip.open(path, "rb") as f:
+    raw = f.read()
+  with gzip.open(path, "wb") as f:
+    f.write(raw[:-100])
+
+
+@pytest.mark.parametrize("damage, why", [(_truncate_gzip, "EOFError"),
+                                         (_garbage, "BadGzipFile"),
+                                         (_short_payload, "where its header promises")])
+def test_damaged_fashion_mnist_is_one_line(tmp_path, damage, why):
+  path = _fashion_mnist_files(tmp_path)
+  damage(path)
+  with pytest.raises(UsageError, match=f"{path} is damaged .*{why}.*apt-get install "
+                     "--reinstall dataset-fashion-mnist"):
+    data.load_dataset("fashion_mnist", str(tmp_path))
+
+
+def test_damaged_data_from_the_cli(tmp_path, capsys):
+  from train import cli  # pylint: disable=import-outside-toplevel
+  _truncate_gzip(_fashion_mnist_files(tmp_path))
+  run = tmp_path / "run"
+  assert cli.main(["--data-dir", str(tmp_path), "--devices", "4", "--log-dir", str(run)]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and "is damaged (EOFError" in lines[0], lines
+  assert not run.exists()  # the run never started: no directory left
+
+
 def test_missing_fashion_mnist(tmp_path):
   with pytest.raises(UsageError, match="apt-get install -y dataset-fashion-mnist"):
     data.load_dataset("fashion_mnist", str(tmp_path))
@@ -74,9 +120,62 @@ def test_cifar10_archive(tmp_path, kind):
   np.testing.assert_array_equal(ds.test_labels, labels)
 
 
+def _cifar10_files(directory, kind):
+  """The files cifar-10-{kind}.tar.gz extracts to, in `directory`; returns (images, labels)."""
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+  labels = np.array([0, 9, 2, 7, 3], np.uint8)
+  directory.mkdir(parents=True)
+  for name in ("data_batch_1", "test_batch"):
+    if kind == "binary":
+      rec = np.concatenate([labels[:, None], images.reshape(5, -1)], axis=1)
+      (directory / f"{name}.bin").write_bytes(rec.tobytes())
+    else:
+      (directory / name).write_bytes(pickle.dumps({b"labels": labels.tolist(),
+                                                   b"data": images.reshape(5, -1)}))
+  return images.transpose(0, 2, 3, 1), labels
+
+
+@pytest.mark.parametrize("kind, folder", [("binary", "cifar-10-batches-bin"),
+                                          ("python", "cifar-10-batches-py")])
+@pytest.mark.parametrize("given", ["extracted", "parent"])
+def test_cifar10_extracted_directory(tmp_path, kind, folder, given):
+  images, labels = _cifar10_files(tmp_path / folder, kind)
+  ds = data.load_dataset("cifar10", str(tmp_path / folder if given == "extracted" else tmp_path))
+  np.testing.assert_array_equal(ds.train_images, images)
+  np.testing.assert_array_equal(ds.test_labels, labels)
+
+
+def test_cifar10_archive_given_as_the_file(tmp_path):
+  images, labels = _cifar10_files(tmp_path / "x" / "cifar-10-batches-bin", "binary")
+  archive = tmp_path / "cifar-10-binary.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(tmp_path / "x" / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+  ds = data.load_dataset("cifar10", str(archive))
+  np.testing.assert_array_equal(ds.train_images, images)
+  np.testing.assert_array_equal(ds.train_labels, labels)
+
+
+@pytest.mark.parametrize("data_dir", [None, "empty"])
+def test_missing_cifar_says_only_what_to_do(tmp_path, monkeypatch, caplog, data_dir):
+  """No TFDS folder warnings, no TensorFlow hint: where to get the data and how to pass it."""
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  (tmp_path / "empty").mkdir()
+  given = None if data_dir is None else str(tmp_path / data_dir)
+  with pytest.raises(UsageError) as err:
+    data.load_dataset("cifar10", given)
+  message = str(err.value)
+  assert message.startswith("cifar10 not found" + (f" in {given}" if given else "") +
+                            ": download cifar-10-binary.tar.gz from "
+                            "https://www.cs.toronto.edu/~kriz/ and pass --data-dir"), message
+  assert "cifar-10-batches-bin/" in message and "tensorflow" not in message.lower()
+  assert not caplog.records
+
+
 def test_cifar_through_tfds_mock_data(tmp_path):
   """The TFDS path without network: tfds.testing.mock_data behind `data_source`."""
   tfds = pytest.importorskip("tensorflow_datasets")
+  (tmp_path / "cifar100").mkdir()  # what a prepared TFDS directory holds
   with tfds.testing.mock_data(num_examples=12):
     ds = data.load_dataset("cifar100", str(tmp_path))
   assert ds.train_images.shape == (12, 32, 32, 3) and ds.train_images.dtype == np.uint8

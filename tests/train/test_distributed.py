@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -222,3 +223,37 @@ def _worker(mode: str, out_dir: str) -> None:
 if __name__ == "__main__":
   assert sys.argv[1] == "worker", sys.argv
   _worker(sys.argv[2], sys.argv[3])
+
+
+def test_the_launcher_names_the_process_that_died_and_how():
+  code = ("import os, signal, sys, time\n"
+          "if os.environ['JAX_PROCESS_ID'] == '0':\n"
+          "  os.kill(os.getpid(), signal.SIGKILL)\n"
+          "time.sleep(1.0)\n"
+          "sys.exit(1)\n")
+  proc = subprocess.run([sys.executable, "-m", "train.distributed", "-n", "2", "--", "-c", code],
+                        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 128 + 9, proc.stderr  # the shell's code for SIGKILL, not 247
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 2, proc.stderr
+  assert re.fullmatch(r"process 0 of 2: killed by SIGKILL \(signal 9\) after \d+ s "
+                      r"\(the first to fail\)", lines[0]), lines
+  assert re.fullmatch(r"process 1 of 2: exited with code 1 after \d+ s", lines[1]), lines
+
+
+def test_a_process_the_launcher_killed_says_why():
+  results = distributed.launch_local(["-c", "import time; time.sleep(60)"], 1, timeout_s=0.5)
+  assert results[0].returncode is None
+  assert distributed.describe_exit(results[0]).startswith(
+      "killed by the launcher (SIGKILL) after 1 s: the time limit of 0.5 s passed")
+  assert distributed.exit_code(results[0]) == 1
+
+
+def test_a_peer_failure_is_one_short_line():
+  spec = distributed.ProcessSpec("h:1", 2, 1)
+  err = RuntimeError("INTERNAL: " + "Error dispatching computation: " * 8 +
+                     "Gloo AllGather failed: Read error: Connection reset by peer\nmore")
+  assert distributed.failure_message(spec, err) == (
+      "error: process 1 of 2 failed (a peer process died or is unreachable; see its own "
+      "output): RuntimeError: INTERNAL: Error dispatching computation: Gloo AllGather failed: "
+      "Read error: Connection reset by peer")

@@ -64,7 +64,7 @@ def test_cifar10_from_tfds_mock_data_trains(tiny_config, tmp_path):
   """The CIFAR path end to end (32x32x3, augmentation on) with TFDS mocked: no network."""
   tfds = pytest.importorskip("tensorflow_datasets")
   from train import data  # pylint: disable=import-outside-toplevel
-  (tmp_path / "tfds").mkdir()
+  (tmp_path / "tfds" / "cifar10").mkdir(parents=True)  # a prepared TFDS directory
   cfg = tiny_config(dataset="cifar10", compressor="none", data_dir=str(tmp_path / "tfds"))
   with tfds.testing.mock_data(num_examples=32):
     ds = data.load_dataset(cfg.dataset, cfg.data_dir)

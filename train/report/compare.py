@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, TextIO
 from train import cli as train_cli
 from train.report import reader, summary
 from train.config import CPU_DEFAULT_DEVICES, Config
-from train.errors import UsageError
+from train.errors import NonFiniteError, UsageError
 
 DEFAULT_LOG_DIR = os.path.join("logs", "comparison")
 DEFAULT_DENSITIES = (0.01, 0.05)
@@ -197,7 +197,7 @@ def run_comparison(runs: list[Planned], log_root: str, *, command: str, dataset=
                          dataset=ds, stream=stream)
     except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
       failed[run.name] = f"failed: {type(err).__name__}: {err}".splitlines()[0]
-      if not isinstance(err, UsageError):  # a user error is its one line; a bug needs more
+      if not isinstance(err, (UsageError, NonFiniteError)):  # one line says it; a bug needs more
         traceback.print_exc(file=stream)
     loads.append(os.getloadavg()[0])
     print(f"[compare] {run.name}: {failed.get(run.name, 'done')} in "
@@ -213,7 +213,13 @@ def run_comparison(runs: list[Planned], log_root: str, *, command: str, dataset=
       continue
     loaded = reader.load_run(path)
     row = reader.metrics(loaded) if loaded.train else {}
-    status = "ok" if row.get("finished") else "failed: did not reach its last step"
+    unusable = reader.unusable(loaded)
+    if unusable:  # named in the summary, left out of its numbers
+      row, status = {}, f"no usable metrics: {unusable}"
+    elif row.get("finished"):
+      status = "ok"
+    else:
+      status = f"failed: {row.get('stopped') or 'did not reach its last step'}"
     rows.append({"run": run.name, "compressor": run.config.compressor,
                  "density": run.config.density, **row, "status": status})
   machine = _machine(loads)

@@ -8,7 +8,7 @@ From the run directories (read by train/report/reader.py: config.json, metrics.j
 timing.json, summary.json as documented in docs/training.md) it writes
   curves_step.png          training-batch accuracy and loss vs step, test points marked
   curves_time.png          the same vs training wall time
-  time_breakdown.png       compute / selection / exchange + update per run (timing.json)
+  time_breakdown.png       compute / compressor update / exchange + update per run (timing.json)
   bytes_per_step.png       bytes each device sends per step, log scale, dense marked
   selection_quality.png    count/k and the threshold's relative error per run
   accuracy_vs_density.png  final test accuracy vs density, dense as a line
@@ -86,7 +86,9 @@ def curves(series, subtitle, out_dir, x_of, xlabel, name) -> str:
     xs = x_of(s)
     for ax, key, test_key, scale in ((ax_acc, "accuracy", "test_accuracy", 100),
                                      (ax_loss, "loss", "test_loss", 1)):
-      ax.plot(xs, [scale * e[key] for e in s.run.train], color=s.color, ls=s.linestyle, lw=1.2)
+      line = [(x, scale * e[key]) for e, x in zip(s.run.train, xs) if finite(e[key])]
+      if line:  # a non-finite value (null in metrics.jsonl) leaves out its point
+        ax.plot(*zip(*line), color=s.color, ls=s.linestyle, lw=1.2)
       # Eval lines are placed at the x of the train line of the same step.
       at = {e["step"]: x for e, x in zip(s.run.train, xs)}
       pts = [(at[e["step"]], scale * e[test_key]) for e in s.run.evals
@@ -113,12 +115,12 @@ def time_breakdown(series, subtitle, out_dir) -> str | None:
   fig = style.figure(9, 1.9 + 0.3 * len(timed))
   ax = fig.subplots()
   pieces = (("compute_s", "compute (forward + backward)", "0.75", None),
-            ("selection_s", "selection (local compress + decompress)", "0.35", None),
-            ("exchange_and_update_s", "exchange + update (derived, drawn >= 0)", "white", "///"))
+            ("compressor_update_s", "compressor update (local, no exchange)", "0.35", None),
+            ("exchange_and_update_s", "exchange + update (derived)", "white", "///"))
   y = list(range(len(timed)))[::-1]
   left = [0.0] * len(timed)
   for key, text, color, hatch in pieces:
-    width = [1e3 * max(0.0, s.m[key]) for s in timed]
+    width = [1e3 * max(0.0, s.m[key]) if finite(s.m[key]) else 0.0 for s in timed]
     ax.barh(y, width, left=left, color=color, hatch=hatch, edgecolor="0.2", lw=0.5, label=text)
     left = [a + b for a, b in zip(left, width)]
   ax.plot([1e3 * s.m["step_s"] for s in timed], y, ls="none", marker="|", ms=14, mew=2,
@@ -230,9 +232,14 @@ def _accuracy_vs_density(series, subtitle, out_dir) -> str:
   return style.save(fig, out_dir, "accuracy_vs_density.png")
 
 
+def _skipped(name: str, why: str) -> None:
+  print(f"train.plot: run {name} left out: {why}", file=sys.stderr)
+
+
 def plot_runs(log_dir: str, out_dir: str) -> list[str]:
-  """Writes the run charts of `log_dir` into `out_dir`; returns the paths written."""
-  series, subtitle = setup(reader.load_runs(log_dir))
+  """Writes the run charts of `log_dir` into `out_dir`; returns the paths written. Runs
+  without usable metrics are left out and named on stderr."""
+  series, subtitle = setup(reader.load_runs(log_dir, on_skip=_skipped))
   paths = [
       curves(series, subtitle, out_dir, lambda s: [e["step"] for e in s.run.train],
               "optimizer step", "curves_step.png"),

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import statistics
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from train.errors import UsageError
 
@@ -95,12 +95,28 @@ def find_runs(log_dir: str) -> list[str]:
   return runs
 
 
-def load_runs(log_dir: str) -> list[Run]:
-  """Every run under `log_dir` that logged at least one train line."""
-  runs = [load_run(p) for p in find_runs(log_dir)]
-  runs = [r for r in runs if r.train]
+def unusable(run: Run) -> str | None:
+  """Why `run` has nothing to chart (None when it has): no train line yet, or none with a
+  finite loss (a run stopped by a non-finite loss or gradient before its first line)."""
+  if not run.train:
+    return "no train line yet"
+  if not any(finite(e["loss"]) and finite(e["accuracy"]) for e in run.train):
+    stopped = (run.summary or {}).get("stopped")
+    return "no train line with a finite loss" + (f" ({stopped})" if stopped else "")
+  return None
+
+
+def load_runs(log_dir: str, on_skip: Callable[[str, str], None] | None = None) -> list[Run]:
+  """Every run under `log_dir` with usable metrics; `on_skip(name, why)` hears of the rest."""
+  runs = []
+  for run in (load_run(p) for p in find_runs(log_dir)):
+    why = unusable(run)
+    if why is None:
+      runs.append(run)
+    elif on_skip is not None and run.train:
+      on_skip(run.name, why)
   if not runs:
-    raise UsageError(f"log dir {log_dir}: no run has logged a train line yet")
+    raise UsageError(f"log dir {log_dir}: no run has logged a train line with a finite loss")
   return runs
 
 
@@ -146,12 +162,13 @@ def metrics(run: Run) -> dict[str, Any]:
       "density": None if cfg["compressor"] == "none" else cfg["density"],
       "steps": last["step"], "total_steps": total,
       "finished": bool(run.summary) and run.summary.get("step") == total,
+      "stopped": run.summary.get("stopped") if run.summary else None,
       "final_test_accuracy": run.evals[-1]["test_accuracy"] if run.evals else None,
       "best_test_accuracy": max(test_acc) if test_acc else None,
       "final_test_loss": run.evals[-1]["test_loss"] if run.evals else None,
       "final_train_loss": last["loss"],
   }
-  for key in ("step_s", "compute_s", "selection_s", "exchange_and_update_s",
+  for key in ("step_s", "compute_s", "compressor_update_s", "exchange_and_update_s",
               "dense_allreduce_s"):
     out[key] = timing.get(key)
   dense = last["dense_bytes"]

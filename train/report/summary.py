@@ -11,12 +11,12 @@ from train.report.reader import finite
 CSV_COLUMNS = (
     "run", "compressor", "density", "status", "steps", "total_steps", "final_test_accuracy",
     "best_test_accuracy", "final_test_loss", "final_train_loss", "step_s", "compute_s",
-    "selection_s", "exchange_and_update_s", "dense_allreduce_s", "sent_bytes", "dense_bytes",
+    "compressor_update_s", "exchange_and_update_s", "dense_allreduce_s", "sent_bytes", "dense_bytes",
     "bytes_ratio", "count_over_k", "threshold_rel_err_median", "threshold_rel_err_max",
     "train_wall_s", "first_step_s")
 
 _MD_HEADER = ("| run | final test acc | best test acc | vs dense (points) | step ms | compute ms "
-              "| selection ms | exchange + update ms | bytes/step/device | vs dense bytes "
+              "| compressor update ms | exchange + update ms | bytes/step/device | vs dense bytes "
               "| count/k | threshold rel. err. (median) | train s |")
 
 _NOTES = """\
@@ -24,9 +24,11 @@ Columns (definitions in docs/training.md and docs/results.md):
 - final / best test acc: the last / the highest `eval` line of metrics.jsonl (the whole test
   set); runs shorter than one epoch are evaluated only at the end, so both are the same.
 - vs dense: final test accuracy minus that of the `none` run, in percentage points.
-- step / compute / selection / exchange + update: timing.json, median of interleaved,
-  separately jitted pieces after training; exchange + update = step - compute - selection
-  (derived: it can come out slightly negative when the exchange is tiny).
+- step / compute / compressor update / exchange + update: timing.json, median of
+  interleaved, separately jitted pieces after training; compressor update is the
+  compressor's whole local update (selection, error feedback, momentum) without an
+  exchange; exchange + update = step - compute - compressor update (derived: 0 when the
+  measurement noise exceeds it).
 - bytes/step/device: `sent_bytes` of the last train line (values + int32 indices, plus
   dense leaves); vs dense bytes: sent_bytes / dense_bytes.
 - count/k: elements sent / target k (sums over devices), mean over the logged steps.
@@ -62,7 +64,7 @@ def _md_row(row: dict[str, Any], dense_acc) -> str:
            and row["compressor"] != "none" else "—")
   ratio = row["bytes_ratio"]
   cells = [row["run"], _pct(acc), _pct(row["best_test_accuracy"]), delta, _ms(row["step_s"]),
-           _ms(row["compute_s"]), _ms(row["selection_s"]), _ms(row["exchange_and_update_s"]),
+           _ms(row["compute_s"]), _ms(row["compressor_update_s"]), _ms(row["exchange_and_update_s"]),
            _bytes(row["sent_bytes"]), f"{ratio:.4f}x" if finite(ratio) else "—",
            _num(row["count_over_k"], ".3f"), _num(row["threshold_rel_err_median"], ".1e"),
            _num(row["train_wall_s"], ".1f")]

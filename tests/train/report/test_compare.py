@@ -38,7 +38,7 @@ def test_tiny_sweep_then_rerun_skips_then_plots(tmp_path, tiny_dataset):
   assert float(topk["count_over_k"]) == pytest.approx(1.0)  # exact top-k sends exactly k
   assert float(topk["sent_bytes"]) < float(dense["sent_bytes"]) == float(dense["dense_bytes"])
   assert 0 <= float(topk["final_test_accuracy"]) <= 1
-  assert topk["step_s"] == topk["selection_s"] == ""  # not profiled: empty, not invented
+  assert topk["step_s"] == topk["compressor_update_s"] == ""  # not profiled: empty, not invented
   with open(os.path.join(root, "summary.md")) as f:
     md = f.read()
   assert "| none |" in md and "| topk-d0.1 |" in md and "Command: `test`" in md
@@ -115,3 +115,26 @@ def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
     assert row["status"].startswith("failed: UsageError: --batch-size 16 exceeds"), row
   with open(os.path.join(root, "summary.md")) as f:
     assert "| randomk-d0.01 | failed: UsageError" in f.read()
+
+
+def test_a_run_without_usable_metrics_is_named_not_summarised(tmp_path):
+  """A finished run whose every loss was NaN (null in metrics.jsonl): the summary names it
+  instead of failing on it."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  root = str(tmp_path)
+  (run,) = compare.plan(["topk"], [0.1], TINY_FLAGS, root)
+  os.makedirs(run.config.log_dir)
+  with open(os.path.join(run.config.log_dir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(run.config), f)
+  line = {"kind": "train", "step": 2, "loss": None, "accuracy": None, "samples_per_s": None,
+          "selected": 10, "k": 10, "sent_bytes": 80.0, "dense_bytes": 800.0,
+          "threshold_rel_err": None}
+  with open(os.path.join(run.config.log_dir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps(line) + "\n")
+  with open(os.path.join(run.config.log_dir, "summary.json"), "w") as f:
+    json.dump({"step": 2, "total_steps": 2}, f)
+  rows = compare.run_comparison([run], root, command="test", stream=io.StringIO())
+  assert rows[0]["status"] == "no usable metrics: no train line with a finite loss"
+  with open(os.path.join(root, "summary.md")) as f:
+    assert "| topk-d0.1 | no usable metrics: no train line with a finite loss |" in f.read()
