@@ -8,7 +8,8 @@ Sources:
     Test directories and installed packages are left out.
   tiny_shakespeare, lm1b: tensorflow-datasets, read from a prepared directory (`data_dir`,
     default TFDS's own ~/tensorflow_datasets) through its array_record data source, which
-    needs no TensorFlow. No download is attempted without TensorFlow and a network.
+    needs no TensorFlow. Without TensorFlow nothing is downloaded; with it, tfrecord
+    directories are read and TFDS downloads when the network answers.
     The installed TFDS catalog offers neither WikiText nor Penn Treebank.
 
 Training batches are windows of `seq_len + 1` tokens (inputs and the targets shifted by
@@ -162,8 +163,8 @@ def load_stdlib_corpus(root: str | None = None, *, tokenizer=None,
 def _missing_tfds(name: str, why: str) -> UsageError:
   return UsageError(
       f"{name} not available ({why}): prepare it where there is network with "
-      f"tensorflow-datasets (tfds build {name} --file_format=array_record) and pass "
-      "--data-dir with that directory")
+      f"tensorflow-datasets (tfds build {name} --file_format=array_record "
+      "--data_dir=DIR) and pass --data-dir DIR")
 
 
 def _as_bytes(text) -> bytes:

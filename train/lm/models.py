@@ -21,8 +21,9 @@ from train.lm.presets import LM_MODEL_NAMES, LMSpec, lm_spec
 
 __all__ = ["LM_MODEL_NAMES", "LSTMLM", "TransformerLM", "count_params", "create_lm_model"]
 
-# GPT-2's initialisation: N(0, 0.02) everywhere, residual projections scaled down by
-# sqrt(2 * layers) so the residual stream's variance does not grow with depth.
+# GPT-2's initialisation: N(0, 0.02) (positions: 0.01), zero biases, residual output
+# projections scaled down by sqrt(2 * layers) so the residual stream's variance does not
+# grow with depth.
 _STD = 0.02
 
 

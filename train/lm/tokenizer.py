@@ -72,6 +72,9 @@ class BPETokenizer:
     self.byte_encoder = bytes_to_unicode()
     self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
     self.vocab_size = max(self.encoder.values()) + 1
+    if self.vocab_size > 1 << 16:
+      raise UsageError(f"a BPE vocabulary of {self.vocab_size} ids does not fit the uint16 "
+                       "tokens (at most 65536)")
     self.eot = self.encoder.get("<|endoftext|>")
     self._pattern = regex.compile(_GPT2_PATTERN)
     self._cache: dict[str, tuple[int, ...]] = {}

@@ -77,3 +77,9 @@ def test_missing_bpe_files_are_a_usage_error(tmp_path):
   with pytest.raises(UsageError, match="does not exist"):
     tok.load_tokenizer(str(tmp_path / "absent"))
   assert isinstance(tok.load_tokenizer(None), tok.ByteTokenizer)
+
+
+def test_bpe_vocabulary_must_fit_uint16():
+  pytest.importorskip("regex")
+  with pytest.raises(UsageError, match="uint16"):
+    tok.BPETokenizer({"a": 70_000}, [])
