@@ -1,0 +1,62 @@
+"""LMConfig: defaults that validate, one UsageError per bad input, a light import."""
+
+import dataclasses
+import subprocess
+import sys
+
+import hggjax
+import pytest
+
+from train.config import Config
+from train.errors import UsageError
+from train.lm.config import LM_FIELDS, LMConfig, override, validate_lm
+
+
+def test_default_is_valid_on_four_devices():
+  validate_lm(LMConfig(), hggjax.compressors, n_devices=4)
+
+
+def test_extends_the_harness_config():
+  assert {f.name for f in dataclasses.fields(Config)} < LM_FIELDS
+  assert isinstance(LMConfig(), Config)
+  assert all("help" in f.metadata for f in dataclasses.fields(LMConfig))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dataset": "wikitext103"}, "unknown dataset 'wikitext103'"),
+    ({"model": "gpt3"}, "unknown model 'gpt3'"),
+    ({"data_dir": "/nonexistent/text"}, "--data-dir /nonexistent/text does not exist"),
+    ({"seq_len": 257}, "--seq-len 257 exceeds the context of tiny"),
+    ({"model": "gpt2-small", "seq_len": 2048}, "exceeds the context of gpt2-small"),
+    ({"batch_size": 18}, "--batch-size 18 is not divisible by the device count 4"),
+    ({"eval_batch_size": 6}, "not divisible by the device count 4"),
+    ({"momentum_correction": True}, "does not apply to AdamW"),
+    ({"bpe_dir": "/nonexistent/bpe"}, "missing encoder.json, vocab.bpe"),
+    ({"warmup_steps": 1200}, "--warmup-steps 1200 must be below --steps 1200"),
+    ({"b2": 1.0}, "--b2 must be in"),
+    ({"clip_norm": -1.0}, "--clip-norm must be >= 0"),
+    ({"eps": 0.0}, "--eps must be > 0"),
+    ({"eval_windows": 0}, "--eval-windows must be >= 1"),
+    ({"compute_dtype": "float16"}, "--compute-dtype must be one of"),
+    ({"compressor": "zip"}, "unknown compressor"),
+])
+def test_bad_input_is_one_usage_error(changes, message):
+  with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    validate_lm(dataclasses.replace(LMConfig(), **changes), hggjax.compressors, n_devices=4)
+
+
+def test_lstm_takes_any_sequence_length():
+  validate_lm(LMConfig(model="lstm", seq_len=4096), hggjax.compressors)
+
+
+def test_override_rejects_unknown_fields():
+  assert override(LMConfig(), {"seq_len": 64}).seq_len == 64
+  with pytest.raises(UsageError, match="unknown config field"):
+    override(LMConfig(), {"sequence_length": 64})
+
+
+def test_config_import_is_light():
+  code = "import train.lm, train.lm.config, train.lm.presets\nimport sys\nprint(' '.join(sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       timeout=120)
+  assert not {"jax", "flax", "numpy", "tensorflow_datasets"} & set(out.stdout.split())

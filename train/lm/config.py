@@ -1,0 +1,138 @@
+"""Configuration of a language-model run: `LMConfig`, its defaults and validation.
+
+`LMConfig` extends `train.config.Config`, so everything the harness reads from a config
+(devices, steps, batch size, compressor, density, min_size, logging, checkpoints) means
+the same here; fields whose default differs for text are redefined below, and the
+text-specific ones follow. Importing this module starts no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from train.config import Config, check_divisible, validate
+from train.errors import UsageError
+from train.lm.presets import LM_MODEL_NAMES, lm_spec
+
+# Names here so the CLI can check them without importing numpy/TFDS; a test keeps them
+# equal to train.lm.data.LM_DATASETS.
+LM_DATASETS = ("stdlib", "tiny_shakespeare", "lm1b")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _field(default: Any, doc: str) -> Any:
+  """A field with its command-line help, as train.config.Config's."""
+  return dataclasses.field(default=default, metadata={"help": doc})
+
+
+@dataclasses.dataclass
+class LMConfig(Config):
+  """Everything an LM run depends on. The default is the CPU job of docs/lm.md: the tiny
+  transformer on the standard library's source as bytes, hggtopk at 1%, 4 devices."""
+  # --- Config fields with text defaults ---
+  model: str = _field("tiny", "model: one of " + ", ".join(LM_MODEL_NAMES))
+  dataset: str = _field("stdlib", "stdlib (this Python's own .py files as text, offline), "
+                        "tiny_shakespeare or lm1b (tensorflow-datasets, prepared in "
+                        "--data-dir)")
+  steps: int | None = _field(1200, "total optimizer steps (None: --epochs over the train "
+                             "split); warm-up and cosine decay scale to it")
+  batch_size: int = _field(16, "global batch size in windows of --seq-len tokens, split "
+                           "over the devices (divisible by their count)")
+  lr: float = _field(2e-3, "peak learning rate of AdamW, reached after --warmup-steps, "
+                     "then cosine decay to --lr-final x lr")
+  momentum: float = _field(0.0, "unused: AdamW's --b1 is its momentum")
+  weight_decay: float = _field(0.1, "AdamW's decoupled weight decay, on matrices and "
+                               "embeddings only (not biases or LayerNorm scales)")
+  momentum_correction: bool = _field(
+      False, "must stay off: it is DGC's SGD momentum inside the compressor, and AdamW "
+      "keeps its own moments after the exchange (docs/lm.md)")
+  data_dir: str | None = _field(
+      None, "stdlib: a directory of .py files to use instead of this Python's library; "
+      "tiny_shakespeare, lm1b: a prepared tensorflow-datasets directory (default: TFDS's "
+      "~/tensorflow_datasets)")
+  eval_every: int = _field(200, "steps between validation evaluations (and always at the end)")
+  log_every: int = _field(50, "steps between metrics.jsonl lines and progress lines")
+  eval_batch_size: int = _field(64, "validation batch size in windows, divisible by the "
+                                "device count")
+  # --- text only ---
+  seq_len: int = _field(128, "tokens per training window (at most the model's context)")
+  bpe_dir: str | None = _field(
+      None, "directory with GPT-2's encoder.json and vocab.bpe: tokenize with its BPE "
+      "(vocabulary 50257) instead of bytes (vocabulary 256)")
+  warmup_steps: int = _field(100, "linear learning-rate warm-up from 0")
+  lr_final: float = _field(0.1, "final learning rate as a share of --lr")
+  b1: float = _field(0.9, "AdamW's first-moment decay")
+  b2: float = _field(0.95, "AdamW's second-moment decay")
+  eps: float = _field(1e-8, "AdamW's epsilon")
+  clip_norm: float = _field(1.0, "clip gradients to this global L2 norm (0: no clipping)")
+  clip_after_exchange: bool = _field(
+      False, "clip the exchanged mean instead of each device's gradient before the "
+      "compressor (docs/lm.md: the default keeps what error feedback stores bounded)")
+  dropout: float = _field(0.0, "dropout rate on embeddings and residual branches (0: off)")
+  eval_windows: int | None = _field(
+      256, "validation windows per evaluation, spread evenly over the split (None: all)")
+  max_corpus_bytes: int | None = _field(
+      None, "read at most about this many bytes per split of a TFDS dataset (None: all)")
+  compute_dtype: str = _field("float32", "activations' dtype: float32 or bfloat16 "
+                              "(parameters stay float32)")
+
+
+LM_FIELDS = {f.name for f in dataclasses.fields(LMConfig)}
+
+
+def override(cfg: LMConfig, values: dict[str, Any]) -> LMConfig:
+  unknown = set(values) - LM_FIELDS
+  if unknown:
+    raise UsageError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+  return dataclasses.replace(cfg, **values)
+
+
+def validate_lm(cfg: LMConfig, compressor_names, n_devices: int | None = None) -> None:
+  """Checks names, ranges, paths and the sequence length against the model.
+
+  Args:
+    cfg: the resolved config.
+    compressor_names: the valid --compressor values (`hggjax.compressors`).
+    n_devices: when known, the batch sizes must divide over it.
+  """
+  validate(cfg, compressor_names, LM_MODEL_NAMES, LM_DATASETS)
+  if cfg.momentum_correction:
+    raise UsageError("--momentum-correction is SGD momentum inside the compressor and does "
+                     "not apply to AdamW, which keeps its moments after the exchange; "
+                     "leave it off")
+  context = lm_spec(cfg.model).context
+  if cfg.seq_len < 1:
+    raise UsageError(f"--seq-len must be >= 1, got {cfg.seq_len}")
+  if context is not None and cfg.seq_len > context:
+    raise UsageError(f"--seq-len {cfg.seq_len} exceeds the context of {cfg.model} "
+                     f"({context} tokens)")
+  if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
+    raise UsageError(f"--data-dir {cfg.data_dir} does not exist")
+  if cfg.bpe_dir is not None:
+    missing = [f for f in ("encoder.json", "vocab.bpe")
+               if not os.path.isfile(os.path.join(cfg.bpe_dir, f))]
+    if missing:
+      raise UsageError(f"--bpe-dir {cfg.bpe_dir}: missing {', '.join(missing)}")
+  if cfg.warmup_steps < 0:
+    raise UsageError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+  if cfg.steps is not None and cfg.warmup_steps >= cfg.steps:
+    raise UsageError(f"--warmup-steps {cfg.warmup_steps} must be below --steps {cfg.steps}")
+  for name in ("b1", "b2", "dropout"):
+    if not 0.0 <= getattr(cfg, name) < 1.0:
+      raise UsageError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+  if not 0.0 <= cfg.lr_final <= 1.0:
+    raise UsageError(f"--lr-final must be in [0, 1], got {cfg.lr_final}")
+  for name in ("eps", "clip_norm", "weight_decay"):
+    if getattr(cfg, name) < 0 or (name == "eps" and cfg.eps == 0):
+      raise UsageError(f"--{name.replace('_', '-')} must be {'>' if name == 'eps' else '>='}"
+                       f" 0, got {getattr(cfg, name)}")
+  for name in ("eval_windows", "max_corpus_bytes"):
+    if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+      raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+  if cfg.compute_dtype not in COMPUTE_DTYPES:
+    raise UsageError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got "
+                     f"{cfg.compute_dtype!r}")
+  if n_devices is not None:
+    check_divisible(cfg, n_devices)
