@@ -12,6 +12,7 @@ the mean over devices; the residual stays in the state.
 from hggjax.dense import dense_mean
 from hggjax.error_feedback import accumulated
 from hggjax.payload import Payload, Selection
+from hggjax.per_device import PerDeviceState, per_device
 from hggjax.registry import (
     ERROR_FEEDBACK,
     Options,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressionState", "CompressionStats", "ERROR_FEEDBACK", "Options", "Payload",
+    "PerDeviceState", "per_device",
     "Selection", "Selector", "accumulated", "compression_state", "compressors",
     "dense_mean", "dgcsampling", "gaussian", "gaussian2", "get_compressor", "hggtopk",
     "none", "randomk", "randomkec", "redsync", "redsynctrim", "shard_state", "sparsify",

@@ -13,15 +13,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hggjax import state as state_lib
+from hggjax.per_device import PerDeviceState
 from hggjax.state import CompressionState
 
 
 def _is_compression(x) -> bool:
-  return isinstance(x, CompressionState)
+  """State kept per device: a compressor's, or that of a `per_device` transformation."""
+  return isinstance(x, (CompressionState, PerDeviceState))
 
 
 def state_specs(opt_state: Any, axis_name: str) -> Any:
-  """PartitionSpecs for `opt_state`: P(axis_name) inside compressor states, P() elsewhere.
+  """PartitionSpecs for `opt_state`: P(axis_name) inside per-device states (compressors,
+  `per_device`), P() elsewhere.
 
   Use them as the ``in_specs``/``out_specs`` entry of the optimizer state.
   """
@@ -37,9 +40,9 @@ def state_specs(opt_state: Any, axis_name: str) -> Any:
 def shard_state(opt_state: Any, mesh: Mesh, axis_name: str) -> Any:
   """`opt_state` from ``tx.init`` placed on `mesh`, ready for ``jax.shard_map``.
 
-  Compressor states (built with ``axis_name=axis_name``) are repeated once per
-  device along their leading axis and sharded over `axis_name`; every other leaf
-  is replicated.
+  Compressor and `per_device` states (built with ``axis_name=axis_name``) are
+  repeated once per device along their leading axis and sharded over `axis_name`;
+  every other leaf is replicated.
 
   Example:
     >>> import jax, optax, hggjax
@@ -60,7 +63,8 @@ def shard_state(opt_state: Any, mesh: Mesh, axis_name: str) -> Any:
   def place(sub):
     if not _is_compression(sub):
       return jax.tree.map(lambda x: build(x, replicated, np.shape(x)), sub)
-    if sub.count.ndim != 1:
+    leaves = jax.tree.leaves(sub)
+    if any(np.ndim(x) < 1 or np.shape(x)[0] != 1 for x in leaves):
       raise ValueError(
           "this compressor state has no device axis: build the compressor with "
           f"axis_name={axis_name!r} before calling tx.init.")
