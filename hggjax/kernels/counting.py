@@ -4,8 +4,8 @@ On a GPU the CPU path's tools are the wrong ones: a ``lax.cond`` or ``while`` ma
 XLA:GPU copy its predicate to the host and wait for it, XLA's ``lax.top_k`` sorts
 the whole vector once k is more than a few hundred, and bit-packing a mask buys
 nothing where a boolean sum is already one fused, parallel reduction. Following the
-idea of AIR Top-K (Zhang et al., `Parallel Top-K Algorithms on GPU: A Comprehensive
-Study and New Methods <https://doi.org/10.1145/3581784.3607062>`_, SC'23), the k-th
+idea of AIR Top-K (Zhang, Naruse, Li & Wang, *Parallel Top-K Algorithms on GPU: A
+Comprehensive Study and New Methods*, SC 2023), the k-th
 largest |x| is pinned down on the device by counting:
 
   1. keys = the bits of |x| (they order like |x|). Pass 1 counts, in one fused
