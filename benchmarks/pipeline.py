@@ -14,10 +14,9 @@ Two sequences:
 
   ef     error feedback: acc_t = g_t + r_{t-1}, g_t = c_t * s * z_t with a fixed
          heavy-tailed per-element scale s = |t3|, fresh z_t ~ N(0, 1) and a
-         per-step global factor ln c_t ~ N(0, `--scale-noise`) (the default
-         training run's fc1 moved its k-th largest |acc| by 8% per step at the
-         median); r_t keeps what the exact top-k did not send, so both selectors
-         see the same acc_t.
+         per-step global factor ln c_t ~ N(0, `--scale-noise`), which sets how
+         far the k-th largest |acc| moves from step to step; r_t keeps what the
+         exact top-k did not send, so both selectors see the same acc_t.
   drift  x_t = x_{t-1} + 0.01 * sd * N(0, 1) (benchmarks.selection's sequence,
          where the non-pipelined history check nearly always accepts).
 
