@@ -306,7 +306,8 @@ def overlap_report(path: str) -> dict:
   step = steps_lib.make_train_step(state)
   sharding = NamedSharding(mesh, P(mesh_lib.AXIS))
   images, labels = jax.device_put(data_lib.train_batch(ds, 0, cfg.batch_size, 0, False), sharding)
-  hlo = step.lower(state.params, state.batch_stats, state.opt_state, images, labels).compile().as_text()
+  hlo = step.lower(state.params, state.batch_stats, state.opt_state, np.int32(0),
+                   (images, labels)).compile().as_text()
   with open(path, "w") as f:
     f.write(hlo)
   return analyse_hlo(hlo)

@@ -1,9 +1,12 @@
-"""Command line for `python -m train.cifar`: flags -> Config -> train_and_evaluate.
+"""Command line for `python -m train.cifar` and `python -m train.lm`: flags -> config ->
+train_and_evaluate.
 
-JAX's CPU device count must be set before any backend starts, so this module parses and
-validates everything it can (flags, config file, the run directory) before touching a
-device. Every user error ends in one line on stderr and exit code 2; a run stopped by a
-non-finite loss or gradient ends in one line and exit code 3.
+Both commands are one `Program` each: a config class (every field a flag), a description
+and a validation; everything else is shared. JAX's CPU device count must be set before any
+backend starts, so this module parses and validates everything it can (flags, config file,
+the run directory) before touching a device. Every user error ends in one line on stderr
+and exit code 2; a run stopped by a non-finite loss or gradient ends in one line and exit
+code 3.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+from typing import Callable, NamedTuple
 
 import hggjax
 
@@ -21,6 +25,7 @@ from train import resume as resume_lib
 from train.config import (CPU_DEFAULT_DEVICES, MODEL_NAMES, Config, load_config_file,
                           override, set_fields, validate)
 from train.errors import NonFiniteError, UsageError
+from train.lm.config import LMConfig, validate_lm
 from train.mesh import AXIS
 
 EXIT_USAGE = 2
@@ -40,11 +45,47 @@ def _show(value) -> str:
   return str(value)
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-  """One flag per Config field: `--batch-size N` sets batch_size; booleans take `--x` and
-  `--no-x`. The help is the field's metadata plus its default."""
-  hints = typing.get_type_hints(Config)
-  for field in dataclasses.fields(Config):
+def _validate_image(cfg: Config) -> None:
+  from train import data  # pylint: disable=import-outside-toplevel
+  validate(cfg, hggjax.compressors, MODEL_NAMES, data.DATASETS)
+
+
+def _validate_lm(cfg: LMConfig) -> None:
+  # The batch must divide over the devices: checked here when --devices says how many,
+  # else once JAX has counted them.
+  validate_lm(cfg, hggjax.compressors, cfg.devices)
+
+
+class Program(NamedTuple):
+  """One training command: its config class (every field a flag; `PROG` its name),
+  what --help says, and the checks of names and ranges (no JAX backend started)."""
+  config_cls: type
+  description: str
+  validate: Callable[[Config], None]
+  example_config: str  # named in --config's help
+
+
+IMAGE = Program(
+    Config, "Data-parallel training with hggjax gradient compression. Defaults give the "
+    "README's main job: Fashion-MNIST, small CNN, 4 CPU devices, hggtopk at density 0.01. "
+    "Precedence: built-in defaults < --config file < flags.", _validate_image,
+    "configs/fashion_mnist_cnn.py")
+LM = Program(
+    LMConfig, "Data-parallel language-model training with hggjax gradient compression "
+    "(docs/lm.md). Defaults give the CPU job: the tiny transformer on the Python standard "
+    "library's source as bytes, 4 CPU devices, hggtopk at density 0.01. Precedence: "
+    "built-in defaults < --config file < flags.", _validate_lm, "configs/lm_tiny.py")
+
+
+def program_for(cfg: Config) -> Program:
+  return LM if isinstance(cfg, LMConfig) else IMAGE
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
+  """One flag per field of `cls`: `--batch-size N` sets batch_size; booleans take `--x`
+  and `--no-x`. The help is the field's metadata plus its default."""
+  hints = typing.get_type_hints(cls)
+  for field in dataclasses.fields(cls):
     text = field.metadata["help"]
     if field.name == "compressor":
       text += ": one of " + ", ".join(sorted(hggjax.compressors))
@@ -60,16 +101,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
       p.add_argument(flag, type=kind, help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(
-      prog="python -m train.cifar",
-      description="Data-parallel training with hggjax gradient compression. Defaults give "
-      "the README's main job: Fashion-MNIST, small CNN, 4 CPU devices, hggtopk at density "
-      "0.01. Precedence: built-in defaults < --config file < flags.",
-      argument_default=argparse.SUPPRESS)
-  p.add_argument("--config", help="Python file whose get_config() returns a train.config.Config "
-                 "or a dict of its fields, e.g. configs/fashion_mnist_cnn.py (default: none)")
-  _add_config_flags(p)
+def build_parser(program: Program = IMAGE) -> argparse.ArgumentParser:
+  cls = program.config_cls
+  p = _Parser(prog=cls.PROG, description=program.description,
+              argument_default=argparse.SUPPRESS)
+  p.add_argument("--config", help=f"Python file whose get_config() returns a "
+                 f"{cls.__module__}.{cls.__name__} or a dict of its fields, e.g. "
+                 f"{program.example_config} (default: none)")
+  _add_config_flags(p, cls)
   p.add_argument("--resume", action="store_true", help="continue the run in --log-dir from "
                  "its newest good checkpoint, with the settings in its config.json; a flag "
                  "that contradicts them is refused, except for the length, logging and "
@@ -86,17 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def resolve_given(args: argparse.Namespace) -> tuple[Config, bool, dict]:
+def resolve_given(args: argparse.Namespace,
+                  program: Program = IMAGE) -> tuple[Config, bool, dict]:
   """(config, --resume, the fields the user gave: flags, and what a --config file sets)."""
+  cls = program.config_cls
   values = vars(args).copy()
   resume = values.pop("resume", False)
-  cfg = load_config_file(values.pop("config")) if "config" in values else Config()
+  cfg = load_config_file(values.pop("config"), cls) if "config" in values else cls()
   given = {**set_fields(cfg), **values}
   return override(cfg, values), resume, given
 
 
-def resolve(args: argparse.Namespace) -> tuple[Config, bool]:
-  cfg, resume, _ = resolve_given(args)
+def resolve(args: argparse.Namespace, program: Program = IMAGE) -> tuple[Config, bool]:
+  cfg, resume, _ = resolve_given(args, program)
   return cfg, resume
 
 
@@ -112,24 +153,24 @@ def check(cfg: Config) -> None:
   """Rejects what the run would otherwise fail on deep inside JAX: names, ranges, and
   the compressor's own arguments, checked by building the compressor once (this starts
   no JAX backend)."""
-  from train import data  # pylint: disable=import-outside-toplevel
   from train import optim  # pylint: disable=import-outside-toplevel
-  validate(cfg, hggjax.compressors, MODEL_NAMES, data.DATASETS)
+  program_for(cfg).validate(cfg)
   try:
     optim.make_compressor(cfg, AXIS)
   except (TypeError, ValueError) as err:
     raise UsageError(f"--compressor {cfg.compressor}: {err}") from None
 
 
-def _run(argv: list[str]) -> None:
-  args = build_parser().parse_args(argv)
+def _run(argv: list[str], program: Program) -> None:
+  args = build_parser(program).parse_args(argv)
   spec = distributed.spec_from(*(vars(args).pop(name, None)
                                  for name in ("coordinator", "num_processes", "process_id")))
-  cfg, resume, given = resolve_given(args)
+  cfg, resume, given = resolve_given(args, program)
   if resume:
     if cfg.log_dir is None:
       raise UsageError("--resume needs --log-dir with the run to continue")
-    cfg = resume_lib.from_flags(cfg.log_dir, given)  # the run's own config.json
+    # the run's own config.json
+    cfg = resume_lib.from_flags(cfg.log_dir, given, program.config_cls)
   check(cfg)
   check_flags(cfg, {k: v for k, v in vars(args).items() if k not in ("resume", "config")})
   logs.check_log_dir(cfg.log_dir if cfg.log_dir is not None else "logs")
@@ -151,7 +192,7 @@ def _run(argv: list[str]) -> None:
     pass
 
   from train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
-  train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", *argv], resume=resume)
+  train_and_evaluate(cfg, argv=[*cfg.PROG.split(), *argv], resume=resume)
 
 
 def _run_processes(cfg: Config, spec: distributed.ProcessSpec, argv: list[str],
@@ -179,7 +220,7 @@ def _run_processes(cfg: Config, spec: distributed.ProcessSpec, argv: list[str],
       stream = open(os.path.join(log_dir, "progress.log"), "a")  # pylint: disable=consider-using-with
     # One checkpoint directory for all: orbax writes each process's shards into it (on
     # several hosts it must be a shared filesystem).
-    train_and_evaluate(cfg, argv=["python", "-m", "train.cifar", *argv], stream=stream,
+    train_and_evaluate(cfg, argv=[*cfg.PROG.split(), *argv], stream=stream,
                        resume=resume, checkpoint_dir=os.path.join(base, "checkpoints"))
   except (UsageError, NonFiniteError):
     raise  # the same on every process: each exits 2 (or 3) and the run ends cleanly
@@ -187,10 +228,10 @@ def _run_processes(cfg: Config, spec: distributed.ProcessSpec, argv: list[str],
     distributed.exit_on_failure(spec, err)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, program: Program = IMAGE) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    _run(argv)
+    _run(argv, program)
   except UsageError as err:
     print(f"error: {err}", file=sys.stderr)
     return EXIT_USAGE

@@ -7,11 +7,12 @@ Resolution order: the embedded default (`Config()`), then a `--config` file's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 from train.errors import UsageError
 
@@ -39,6 +40,7 @@ class Config:
   booleans also take `--no-...`); its metadata["help"] is the flag's help, to which the
   CLI adds the default unless it is None (then the help says what None means).
   """
+  PROG: ClassVar[str] = "python -m train.cifar"  # the command that trains this config
   model: str = _field("cnn", "model: one of " + ", ".join(MODEL_NAMES))
   dataset: str = _field("fashion_mnist", "fashion_mnist (offline, Debian package), cifar10, "
                         "cifar100 or synthetic (tests)")
@@ -94,7 +96,16 @@ class Config:
 
 
 FIELDS = {f.name for f in dataclasses.fields(Config)}
-_HINTS = typing.get_type_hints(Config)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def field_names(cls: type) -> set[str]:
+  """The fields of a config class (Config or a subclass such as LMConfig)."""
+  return {f.name for f in dataclasses.fields(cls)}
 
 
 def flag(name: str) -> str:
@@ -102,8 +113,9 @@ def flag(name: str) -> str:
   return "--" + name.replace("_", "-")
 
 
-def load_config_file(path: str) -> Config:
-  """Runs `get_config()` from a Python file; it may return a Config or a dict of fields."""
+def load_config_file(path: str, cls: type = Config) -> Config:
+  """Runs `get_config()` from a Python file; it may return a `cls` (Config or a subclass)
+  or a dict of its fields."""
   if not os.path.isfile(path):
     raise UsageError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location("_run_config", path)
@@ -120,9 +132,10 @@ def load_config_file(path: str) -> Config:
     raise UsageError(f"config file {path}: get_config() raised {type(err).__name__}: "
                      f"{str(err).splitlines()[0] if str(err) else ''}") from None
   if isinstance(cfg, dict):
-    cfg = override(Config(), cfg)
-  if not isinstance(cfg, Config):
-    raise UsageError(f"{path}: get_config() must return train.config.Config or a dict")
+    cfg = override(cls(), cfg)
+  if type(cfg) is not cls:  # pylint: disable=unidiomatic-typecheck - a subclass is another task
+    raise UsageError(f"{path}: get_config() must return {cls.__module__}.{cls.__name__} "
+                     "or a dict")
   try:
     return check_types(cfg)
   except UsageError as err:
@@ -132,21 +145,22 @@ def load_config_file(path: str) -> Config:
 def set_fields(cfg: Config) -> dict[str, Any]:
   """The fields of `cfg` that differ from the embedded default: what a config file sets
   (a file that returns a Config cannot say which fields it assigned)."""
-  default = Config()
-  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
+  default = type(cfg)()
+  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
           if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
 def override(cfg: Config, values: dict[str, Any]) -> Config:
-  unknown = set(values) - FIELDS
+  unknown = set(values) - field_names(type(cfg))
   if unknown:
     raise UsageError(f"unknown config field(s): {', '.join(sorted(unknown))}")
   return dataclasses.replace(cfg, **values)
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(cls: type, name: str, value: Any) -> Any:
   """`value` as field `name`'s declared type; an int is a float where a float is wanted."""
-  allowed = typing.get_args(_HINTS[name]) or (_HINTS[name],)
+  hint = _hints(cls)[name]
+  allowed = typing.get_args(hint) or (hint,)
   if value is None and type(None) in allowed:
     return None
   for kind in allowed:
@@ -162,8 +176,8 @@ def _coerce(name: str, value: Any) -> Any:
 
 def check_types(cfg: Config) -> Config:
   """`cfg` with every field checked against its declared type (ints taken as floats)."""
-  return dataclasses.replace(cfg, **{f.name: _coerce(f.name, getattr(cfg, f.name))
-                                     for f in dataclasses.fields(Config)})
+  return dataclasses.replace(cfg, **{f.name: _coerce(type(cfg), f.name, getattr(cfg, f.name))
+                                     for f in dataclasses.fields(cfg)})
 
 
 def validate(cfg: Config, compressor_names, model_names, dataset_names) -> None:

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from train import optim
 from train.config import Config
 from train.mesh import AXIS, host_value
-from train.steps import TrainState, local_grads
+from train.steps import TrainState, compressor_input
 
 
 def largest_leaf(params, min_size: int = 0) -> tuple[int, int, str]:
@@ -39,21 +39,19 @@ def make_threshold_probe(state: TrainState, leaf_index: int, cfg: Config) -> Cal
   """Per-device exact top-k threshold |acc|_(k) of one leaf: what the compressor selects from.
 
   acc is `hggjax.accumulated` of the gradients as the compressor receives them (after
-  `optim.before_compressor`). Run on the same inputs as the following train step, the
-  result is the reference for that step's compressor threshold.
+  the parts of the chain before it, with their current state). Run on the same inputs
+  as the following train step, the result is the reference for that step's compressor
+  threshold.
   """
   density = cfg.density
   momentum = optim.compressor_momentum(cfg)
-  before = optim.before_compressor(cfg)
   specs = hggjax.state_specs(state.opt_state, AXIS)
-  graphdef = state.graphdef
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=state.mesh,
-                     in_specs=(P(), P(), specs, P(AXIS), P(AXIS)), out_specs=P())
-  def probe(params, batch_stats, opt_state, images, labels):
-    *_, grads = local_grads(graphdef, params, batch_stats, images, labels)
-    updates, _ = before.update(grads, before.init(params), params)
+                     in_specs=(P(), P(), specs, P(), P(AXIS)), out_specs=P())
+  def probe(params, batch_stats, opt_state, step, batch):
+    updates = compressor_input(state, params, batch_stats, opt_state, batch, step)
     acc = hggjax.accumulated(updates, opt_state, momentum=momentum)
     acc = jax.tree.leaves(acc)[leaf_index].reshape(-1)
     k = max(1, round(density * acc.size))

@@ -1,4 +1,10 @@
-"""`train_and_evaluate`: the whole run, from config to summary.json."""
+"""`train_and_evaluate`: the whole run, from config to summary.json, for any task.
+
+The task (`train/task.py`: image classification or language modelling, chosen by the
+config's class) supplies data, model, optimizer, loss, evaluation and the wording of the
+log; everything else here is shared: the mesh, the data-parallel step, the log and its
+rates, the non-finite stop, checkpoints, resume and the time breakdown.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +18,17 @@ import jax
 import numpy as np
 
 from train import checkpoint
-from train import data as data_lib
 from train import diagnostics
 from train import logs
 from train import mesh as mesh_lib
-from train import optim
 from train import profile
 from train import progress
 from train import resume as resume_lib
 from train import steps
+from train import task as task_lib
 from train.config import Config, check_divisible
 from train.errors import NonFiniteError, UsageError
+
 
 def default_device_count() -> int:
   """All local devices (on a CPU-only host: the fake CPU devices the CLI configured)."""
@@ -41,20 +47,19 @@ def _format_bytes(n: float) -> str:
 class _Run:
   """What the loop needs besides the state: sizes, files, and what is saved."""
   cfg: Config
-  ds: data_lib.Dataset
+  task: task_lib.Task
   log: logs.RunLog
   n_dev: int
   spe: int       # steps per epoch
   total: int     # steps of the whole run (the LR schedule's length)
   end: int       # where this call stops
-  augment: bool
   mngr: Any      # orbax CheckpointManager, or None with --no-checkpoint
   checkpoint_dir: str
   last_saved: int | None = None  # the newest checkpoint on disk that is known good
 
 
 def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bool = False,
-                       stop_after: int | None = None, dataset: data_lib.Dataset | None = None,
+                       stop_after: int | None = None, dataset: Any = None,
                        stream: TextIO | None = None,
                        checkpoint_dir: str | None = None) -> dict[str, Any]:
   """Trains `cfg` and returns the summary (also written to <log_dir>/summary.json).
@@ -66,7 +71,9 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
       be that run's config.json up to the fields `train.resume.CHANGEABLE` lists.
     stop_after: stop (and checkpoint) once this many steps are done, without changing
       the schedule; `None` trains to the end. Used to test resume.
-    dataset: an already loaded dataset (tests); by default `cfg.dataset` is loaded.
+    dataset: an already loaded dataset (`train.data.Dataset`) or corpus
+      (`train.lm.data.TextCorpus`), as the task takes it; by default `cfg.dataset` is
+      loaded.
     stream: where progress goes (default stdout).
     checkpoint_dir: where orbax keeps checkpoints (default <log_dir>/checkpoints). In a
       multi-process run every process passes the same directory: each writes its own
@@ -77,16 +84,12 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
     NonFiniteError: a non-finite loss or gradient with `on_nonfinite="stop"`; the run
       directory keeps the checkpoints from before it.
   """
-  ds = dataset or data_lib.load_dataset(cfg.dataset, cfg.data_dir,
-                                        synthetic_size=cfg.synthetic_size)
+  task = task_lib.for_config(cfg, dataset)
   n_dev = cfg.devices or default_device_count()
   if n_dev > jax.device_count():
     raise UsageError(f"--devices {n_dev}: only {jax.device_count()} devices available")
   check_divisible(cfg, n_dev)
-  spe = data_lib.steps_per_epoch(ds, cfg.batch_size)
-  if spe < 1:
-    raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(ds.train_labels)} "
-                     "training examples")
+  spe = task.steps_per_epoch()
   total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
   if cfg.log_dir is None:
     cfg = dataclasses.replace(cfg, log_dir=logs.default_run_dir(cfg))
@@ -96,10 +99,8 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
                      "continue it, or use another --log-dir")
   created = not os.path.exists(cfg.log_dir)
   log = logs.RunLog(cfg.log_dir, stream)
-  run = _Run(cfg, ds, log, n_dev, spe, total,
-             end=total if stop_after is None else min(total, stop_after),
-             augment=cfg.augment if cfg.augment is not None else cfg.dataset.startswith("cifar"),
-             mngr=None,
+  run = _Run(cfg, task, log, n_dev, spe, total,
+             end=total if stop_after is None else min(total, stop_after), mngr=None,
              checkpoint_dir=checkpoint_dir or os.path.join(cfg.log_dir, "checkpoints"))
   try:
     try:
@@ -118,16 +119,17 @@ def _start(run: _Run, argv, resume: bool, changed: dict) -> steps.TrainState:
   """The initial (or restored) state; writes the run's argv.json and config.json."""
   cfg, log = run.cfg, run.log
   mesh = mesh_lib.make_mesh(run.n_dev)
-  state = steps.create_train_state(cfg, run.ds.image_shape, run.ds.num_classes, mesh,
-                                   run.total)
+  state = steps.init_state(run.task, mesh, run.total)
   if cfg.checkpoint:
     run.mngr = checkpoint.manager(run.checkpoint_dir, cfg.keep_checkpoints)
   if not resume:
     log.write_run_info(argv or [], cfg)
+    run.task.write_run_files(log)
     return state
   if run.mngr is None:
     raise UsageError(f"--resume: the run in {cfg.log_dir} keeps no checkpoints "
                      "(--no-checkpoint)")
+  run.task.check_resume(cfg.log_dir)
   found = checkpoint.restore_latest(run.mngr, state.arrays(), log.line)
   if found is None:
     raise UsageError(f"--resume: no usable checkpoint in {run.checkpoint_dir}")
@@ -164,7 +166,7 @@ class _Watch:
 
 
 def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
-  cfg, ds, log, mesh = run.cfg, run.ds, run.log, state.mesh
+  cfg, task, log, mesh = run.cfg, run.task, run.log, state.mesh
   step_fn = steps.make_train_step(state)
   eval_fn = steps.make_eval_step(state)
   leaf_index, leaf_group, leaf_path = diagnostics.largest_leaf(state.params, cfg.min_size)
@@ -172,17 +174,20 @@ def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
   if cfg.compressor != "none":
     probe_fn = diagnostics.make_threshold_probe(state, leaf_index, cfg)
   rows = mesh_lib.process_rows(mesh, cfg.batch_size)  # this process feeds only these rows
-  schedule = optim.lr_schedule(cfg, run.total)
+  schedule = task.lr_schedule(run.total)
+  # XLA:CPU runs the fake devices' collectives on a shared thread pool: with several steps
+  # in flight their rendezvous can wait on each other for good ("only 2 of 4 arrived"),
+  # so on the CPU each step waits for the previous one. Accelerators stay asynchronous.
+  sync_each_step = jax.devices()[0].platform == "cpu"
   name = cfg.compressor if cfg.compressor == "none" else f"{cfg.compressor}@{cfg.density:g}"
   log.line(f"{cfg.dataset} {cfg.model} {name} on {run.n_dev} "
            f"{jax.devices()[0].platform} devices: {run.total} steps ({run.spe}/epoch), "
-           f"batch {cfg.batch_size}, log dir {cfg.log_dir}")
+           f"{task.describe_batch()}, log dir {cfg.log_dir}")
 
   def evaluate(epoch: float) -> dict[str, Any]:
-    result = steps.eval_step(state, eval_fn, ds, cfg.eval_batch_size)
+    result = steps.evaluate(state, eval_fn, task)
     log.record({"kind": "eval", "step": state.step, "epoch": epoch, **result})
-    log.line(f"eval step {state.step} epoch {epoch:g}: test accuracy "
-             f"{100 * result['test_accuracy']:.2f}% loss {result['test_loss']:.4f}")
+    log.line(f"eval step {state.step} epoch {epoch:g}: {task.describe_eval(result)}")
     return result
 
   def train_entry(metrics, exact, lap) -> dict[str, Any]:
@@ -196,10 +201,13 @@ def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
       if np.all(exact > 0) and thr.shape == exact.shape:
         rel_err = float(np.mean(np.abs(thr - exact) / exact))
     entry = {"kind": "train", "step": state.step, "epoch": state.step / run.spe,
-             "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
+             # loss first, then the task's other metrics (accuracy, ...)
+             **{k: float(metrics[k])
+                for k in ["loss"] + sorted(set(metrics) - {"loss", "nonfinite"})},
              "lr": float(schedule(state.step - 1)), **lap,
              "nonfinite_steps": watch.unreported, **last_stats,
              "threshold_rel_err": rel_err, "threshold_leaf": leaf_path}
+    entry.update(task.train_extras(entry))
     watch.unreported = 0
     log.record(entry)
     return entry
@@ -232,20 +240,21 @@ def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
   t_start = time.perf_counter()
   while state.step < run.end:
     step = state.step
-    images, labels = mesh_lib.shard_batch(mesh, cfg.batch_size, *data_lib.train_batch(
-        ds, step, cfg.batch_size, cfg.seed, run.augment, rows=rows))
+    batch = mesh_lib.shard_batch(mesh, cfg.batch_size, *task.train_batch(step, rows))
     log_now = (step + 1) % cfg.log_every == 0 or step + 1 == run.end
     exact = None
     if log_now and probe_fn is not None:
-      exact = probe_fn(state.params, state.batch_stats, state.opt_state, images, labels)
+      exact = probe_fn(state.params, state.batch_stats, state.opt_state, np.int32(step), batch)
     t0 = time.perf_counter()
-    state, metrics = steps.train_step(state, step_fn, images, labels)
+    state, metrics = steps.train_step(state, step_fn, *batch)
     watch.add(state.step, metrics["nonfinite"])
     if compile_s is None:
       jax.block_until_ready(metrics)
       compile_s = time.perf_counter() - t0  # first step: compilation plus one step
       clock.started(state.step)  # rates exclude the compiling step
     else:
+      if sync_each_step:
+        jax.block_until_ready(metrics["loss"])
       clock.stepped()
     if log_now:
       jax.block_until_ready(metrics)  # the interval below is honest wall time
@@ -255,23 +264,22 @@ def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
       if bad and cfg.on_nonfinite == "stop":
         stop(bad, metrics)
       skipped = f" ({entry['nonfinite_steps']} non-finite steps skipped)" if bad else ""
-      text = (f"step {state.step}/{run.total} loss {entry['loss']:.4f} acc "
-              f"{100 * entry['accuracy']:.1f}% lr {entry['lr']:.4g}{skipped}; "
-              + progress.describe(lap)).rstrip("; ")
+      text = (f"step {state.step}/{run.total} {task.describe_train(entry)} lr "
+              f"{entry['lr']:.4g}{skipped}; " + progress.describe(entry)).rstrip("; ")
       if not log.tty:
         log.line(text)
     if log.tty:  # redrawn every step; the text changes at log steps (no extra host sync)
       log.progress(state.step, run.total, text)
-    epoch_done = state.step % run.spe == 0
-    if epoch_done and state.step < run.end:
+    pause, eval_now = task.pause_at(state.step, run.spe)
+    if pause and state.step < run.end:
       jax.block_until_ready(state.params)  # training up to here counts as training time
       t_pause = time.perf_counter()
       bad = watch.check()  # never checkpoint a state that followed a non-finite step
       if bad and cfg.on_nonfinite == "stop":
         stop(bad, metrics)
-      epoch = state.step // run.spe
-      if epoch % cfg.eval_every == 0:
-        last_eval = evaluate(epoch)
+      if eval_now:
+        whole = state.step % run.spe == 0
+        last_eval = evaluate(state.step // run.spe if whole else state.step / run.spe)
       if run.mngr:
         save()
       clock.pause(time.perf_counter() - t_pause)
@@ -291,15 +299,15 @@ def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
 
   summary = {"step": state.step, "total_steps": run.total, "train_wall_s": train_s,
              "first_step_s": compile_s, "devices": run.n_dev, "log_dir": cfg.log_dir,
-             **last_eval, **last_stats, "timing": timing}
+             **last_eval, **last_stats, **task.summary_extras(), "timing": timing}
   log.write_json("summary.json", summary)
   if "sent_bytes" in last_stats:
     ratio = last_stats["sent_bytes"] / max(1.0, last_stats["dense_bytes"])
     log.line(f"bytes per step per device: {_format_bytes(last_stats['sent_bytes'])} sent vs "
              f"{_format_bytes(last_stats['dense_bytes'])} dense ({ratio:.4f}x)")
-  if "test_accuracy" in last_eval:
-    log.line(f"final test accuracy {100 * last_eval['test_accuracy']:.2f}% after {state.step} "
-             f"steps; training wall time {train_s:.1f} s")
+  final = task.describe_final(last_eval, state.step, train_s)
+  if final:
+    log.line(final)
   return summary
 
 
@@ -316,8 +324,7 @@ def _profile(run: _Run, state, step_fn, rows, compile_s, per_step_s, train_s):
       run.log.line(f"time breakdown skipped: it would take about {logs.duration(estimate)} "
                    f"after {logs.duration(train_s)} of training (--profile runs it anyway)")
       return None
-  batch = mesh_lib.shard_batch(state.mesh, cfg.batch_size, *data_lib.train_batch(
-      run.ds, 0, cfg.batch_size, cfg.seed, run.augment, rows=rows))
+  batch = mesh_lib.shard_batch(state.mesh, cfg.batch_size, *run.task.train_batch(0, rows))
   timing = profile.time_breakdown(state, cfg, batch, step_fn, reps=cfg.profile_reps)
   run.log.write_json("timing.json", timing)
   run.log.line(profile.describe(timing))

@@ -12,6 +12,7 @@ import optax
 
 from train.config import Config
 from train.mesh import AXIS
+from train.task import Optimizer
 
 
 def lr_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
@@ -56,8 +57,8 @@ def before_compressor(cfg: Config) -> optax.GradientTransformation:
   return optax.identity()
 
 
-def make_optimizer(cfg: Config, total_steps: int,
-                   axis_name: str | None = AXIS) -> optax.GradientTransformation:
+def optimizer_parts(cfg: Config, total_steps: int,
+                    axis_name: str | None = AXIS) -> Optimizer:
   """Compressor, weight decay and SGD; where momentum acts depends on the config.
 
   With `momentum_correction` (the default) each device keeps its own velocity of
@@ -68,6 +69,12 @@ def make_optimizer(cfg: Config, total_steps: int,
   lr = lr_schedule(cfg, total_steps)
   compressor = make_compressor(cfg, axis_name)
   if cfg.momentum_correction:
-    return optax.chain(before_compressor(cfg), compressor, optax.sgd(lr))
-  return optax.chain(compressor, optax.add_decayed_weights(cfg.weight_decay),
-                     optax.sgd(lr, momentum=cfg.momentum))
+    return Optimizer((before_compressor(cfg), compressor, optax.sgd(lr)), 1)
+  return Optimizer((compressor, optax.add_decayed_weights(cfg.weight_decay),
+                    optax.sgd(lr, momentum=cfg.momentum)), 0)
+
+
+def make_optimizer(cfg: Config, total_steps: int,
+                   axis_name: str | None = AXIS) -> optax.GradientTransformation:
+  """The chain of `optimizer_parts` as one optax transformation."""
+  return optimizer_parts(cfg, total_steps, axis_name).tx

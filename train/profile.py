@@ -10,8 +10,8 @@ compiled and run once before timing, and each timed call ends in
 - compressor_update: the compressor's whole update without an exchange: the trained
              compressor built with `axis_name=None` (selection, error feedback and
              momentum, local decompress) on that step's gradients as the compressor
-             receives them; its state is fed forward between calls so history-based
-             methods run warm.
+             receives them (after the parts of the optimizer before it); its state is
+             fed forward between calls so history-based methods run warm.
 - exchange_and_update: step - compute - compressor_update, i.e. the collective exchange
              plus the optimizer; derived, so it carries the noise of all three
              measurements. When that noise makes it negative it is reported as 0 with
@@ -26,14 +26,16 @@ import statistics
 import time
 from typing import Any
 
+import hggjax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train import optim
 from train.mesh import AXIS
-from train.steps import TrainState, local_grads, make_train_step
+from train.steps import TrainState, compressor_input, local_grads, make_train_step
 
 
 def interleaved_medians(pieces: dict[str, tuple], reps: int) -> dict[str, float]:
@@ -62,20 +64,31 @@ def interleaved_medians(pieces: dict[str, tuple], reps: int) -> dict[str, float]
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def time_breakdown(state: TrainState, cfg, batch, step_fn=None,
+def time_breakdown(state: TrainState, cfg, batch: tuple, step_fn=None,
                    reps: int = 5) -> dict[str, Any]:
-  """Seconds per piece of one step on `batch` (see the module docstring)."""
-  mesh, graphdef = state.mesh, state.graphdef
+  """Seconds per piece of one step on `batch`, a tuple of sharded global arrays (see the
+  module docstring)."""
+  mesh = state.mesh
   n_dev = mesh.shape[AXIS]
-  images, labels = batch
   step_fn = step_fn or make_train_step(state)
+  step = np.int32(state.step)
+  specs = hggjax.state_specs(state.opt_state, AXIS)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)),
                      out_specs=P(AXIS))
-  def compute(params, batch_stats, images, labels):
-    *_, grads = local_grads(graphdef, params, batch_stats, images, labels)
+  def compute(params, batch_stats, step, batch):
+    *_, grads = local_grads(state, params, batch_stats, batch, step)
     return jax.tree.map(lambda g: g[None], grads)
+
+  # The gradients as the compressor receives them (after the parts of the chain before
+  # it), per device: the input of the local compressor below.
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), specs, P(), P(AXIS)),
+                     out_specs=P(AXIS))
+  def received(params, batch_stats, opt_state, step, batch):
+    updates = compressor_input(state, params, batch_stats, opt_state, batch, step)
+    return jax.tree.map(lambda u: u[None], updates)
 
   local_tx = optim.make_compressor(cfg, axis_name=None)
   local_state = local_tx.init(state.params)
@@ -97,20 +110,20 @@ def time_breakdown(state: TrainState, cfg, batch, step_fn=None,
   def dense_allreduce(grads):
     return jax.tree.map(lambda g: jax.lax.pmean(g[0], AXIS), grads)
 
-  grads = compute(state.params, state.batch_stats, images, labels)
-  before = optim.before_compressor(cfg)  # grads carry a device axis; params broadcast
-  updates = jax.jit(lambda g, p: before.update(g, before.init(p), p)[0])(grads, state.params)
+  grads = compute(state.params, state.batch_stats, step, batch)
+  updates = received(state.params, state.batch_stats, state.opt_state, step, batch)
   t = interleaved_medians({
       # The step donates its state: it runs on a copy, each call on the last one's output.
       "step": (step_fn, (*jax.tree.map(jnp.copy, (state.params, state.batch_stats,
-                                                   state.opt_state)), images, labels),
+                                                   state.opt_state)), step, batch),
                lambda args, out: (*out[:3], *args[3:])),
-      "compute": (compute, (state.params, state.batch_stats, images, labels), None),
+      "compute": (compute, (state.params, state.batch_stats, step, batch), None),
       "compressor_update": (compressor_update, (updates, local_state, state.params),
                             lambda args, out: (args[0], out[1], args[2])),
       "dense_allreduce": (dense_allreduce, (grads,), None),
   }, reps)
-  return summarize(t, reps=reps, devices=n_dev, global_batch=int(images.shape[0]))
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  return summarize(t, reps=reps, devices=n_dev, global_batch=int(rows))
 
 
 def summarize(t: dict[str, float], *, reps: int, devices: int,

@@ -57,10 +57,14 @@ class Clock:
 
 
 def describe(lap: dict[str, Any]) -> str:
-  """`12.3 steps/s (787 samples/s), 3m20s left`, or less while it is unknown."""
+  """`12.3 steps/s (787 samples/s), 3m20s left`, or less while it is unknown; tokens
+  instead of samples when `lap` has `tokens_per_s` (text)."""
   parts = []
   if lap["steps_per_s"]:
-    parts.append(f"{lap['steps_per_s']:.3g} steps/s ({lap['samples_per_s']:.0f} samples/s)")
+    if lap.get("tokens_per_s"):
+      parts.append(f"{lap['steps_per_s']:.3g} steps/s ({lap['tokens_per_s']:.0f} tokens/s)")
+    else:
+      parts.append(f"{lap['steps_per_s']:.3g} steps/s ({lap['samples_per_s']:.0f} samples/s)")
   if lap["eta_s"] is not None:
     parts.append(f"{duration(lap['eta_s'])} left")
   return ", ".join(parts)

@@ -12,23 +12,26 @@ import json
 import os
 from typing import Any
 
-from train.config import FIELDS, Config, check_types, flag, override
+from train.config import Config, check_types, field_names, flag, override
 from train.errors import UsageError
 
 # Changing the length (epochs, steps) also moves the LR drops, which sit at 50% and 75%
 # of the total: the run continues on the new schedule from the checkpoint's step.
+# (For language models, evaluation also sets the checkpoint steps, and eval_windows is how
+# much of the validation split each evaluation reads.)
 CHANGEABLE = ("epochs", "steps", "log_every", "eval_every", "eval_batch_size", "data_dir",
-              "log_dir", "profile", "profile_reps", "keep_checkpoints", "on_nonfinite")
+              "log_dir", "profile", "profile_reps", "keep_checkpoints", "on_nonfinite",
+              "eval_windows")
 
 
-def saved_config(log_dir: str) -> Config:
-  """The Config stored in `log_dir`/config.json; UsageError when there is none."""
+def saved_config(log_dir: str, cls: type = Config) -> Config:
+  """The config (a `cls`) stored in `log_dir`/config.json; UsageError when there is none."""
   if not os.path.isdir(log_dir):
     raise UsageError(f"--resume: {log_dir} does not exist")
   path = os.path.join(log_dir, "config.json")
   if not os.path.isfile(path):
     raise UsageError(f"--resume: {log_dir} has no config.json: not a run directory of "
-                     "python -m train.cifar")
+                     f"{cls.PROG}")
   try:
     with open(path) as f:
       values = json.load(f)
@@ -36,11 +39,12 @@ def saved_config(log_dir: str) -> Config:
     raise UsageError(f"--resume: {path} is unreadable ({type(err).__name__}: {err})") from None
   if not isinstance(values, dict):
     raise UsageError(f"--resume: {path} is not a JSON object of config fields")
-  unknown = sorted(set(values) - FIELDS)
+  unknown = sorted(set(values) - field_names(cls))
   if unknown:
-    raise UsageError(f"--resume: {path} has unknown field(s) {', '.join(unknown)}")
+    raise UsageError(f"--resume: {path} has unknown field(s) {', '.join(unknown)} (is it "
+                     f"a run of another command than {cls.PROG}?)")
   try:
-    return check_types(override(Config(), values))
+    return check_types(override(cls(), values))
   except UsageError as err:
     raise UsageError(f"--resume: {path}: {err}") from None
 
@@ -50,10 +54,10 @@ def _differences(saved: Config, values: dict[str, Any]) -> dict[str, tuple[Any, 
           if k != "log_dir" and getattr(saved, k) != v}
 
 
-def from_flags(log_dir: str, given: dict[str, Any]) -> Config:
-  """The config of the run in `log_dir` with the fields `given` on the command line;
-  UsageError naming each flag that contradicts the run."""
-  saved = saved_config(log_dir)
+def from_flags(log_dir: str, given: dict[str, Any], cls: type = Config) -> Config:
+  """The config (a `cls`) of the run in `log_dir` with the fields `given` on the command
+  line; UsageError naming each flag that contradicts the run."""
+  saved = saved_config(log_dir, cls)
   diff = _differences(saved, given)
   refused = [k for k in diff if k not in CHANGEABLE]
   if refused:
@@ -69,7 +73,7 @@ def from_flags(log_dir: str, given: dict[str, Any]) -> Config:
 def changes(cfg: Config, log_dir: str) -> dict[str, tuple[Any, Any]]:
   """What `cfg` changes in the run saved in `log_dir` ({field: (saved, new)}); UsageError
   for a change that would make it another run."""
-  diff = _differences(saved_config(log_dir), dataclasses.asdict(cfg))
+  diff = _differences(saved_config(log_dir, type(cfg)), dataclasses.asdict(cfg))
   refused = [f"{k} {new!r} (the run has {old!r})" for k, (old, new) in diff.items()
              if k not in CHANGEABLE]
   if refused:

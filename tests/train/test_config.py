@@ -9,6 +9,7 @@ import pytest
 from train import cli, data, models
 from train.config import MODEL_NAMES, Config, load_config_file, validate
 from train.errors import UsageError
+from train.lm.config import LMConfig, validate_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,10 +20,23 @@ def test_cli_model_names_match_the_registry():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_shipped_configs_load_and_validate(path):
+  """Language-model configs (lm_*.py) are train.lm's; the others train.cifar's."""
   import hggjax  # pylint: disable=import-outside-toplevel
+  if os.path.basename(path).startswith("lm_"):
+    cfg = load_config_file(path, LMConfig)
+    assert type(cfg) is LMConfig  # pylint: disable=unidiomatic-typecheck
+    validate_lm(cfg, hggjax.compressors)
+    return
   cfg = load_config_file(path)
-  assert isinstance(cfg, Config)
+  assert type(cfg) is Config  # pylint: disable=unidiomatic-typecheck
   validate(cfg, hggjax.compressors, models.MODELS, data.DATASETS)
+
+
+def test_a_config_file_of_the_other_command_is_refused():
+  with pytest.raises(UsageError, match="must return train.config.Config or a dict"):
+    load_config_file(os.path.join(ROOT, "configs", "lm_tiny.py"))
+  with pytest.raises(UsageError, match="must return train.lm.config.LMConfig or a dict"):
+    load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_cnn.py"), LMConfig)
 
 
 def test_main_job_config_is_the_embedded_default():

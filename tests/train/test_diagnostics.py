@@ -32,7 +32,8 @@ def test_probe_gives_the_exact_threshold_without_momentum_correction(tiny_config
   step_fn = steps.make_train_step(state)
   for step in range(2):
     batch = shard_batch(mesh, 16, *data.train_batch(tiny_dataset, step, 16, 0, False))
-    exact = np.asarray(probe(state.params, state.batch_stats, state.opt_state, *batch))
+    exact = np.asarray(probe(state.params, state.batch_stats, state.opt_state, np.int32(step),
+                             batch))
     state, _ = steps.train_step(state, step_fn, *batch)
   threshold = diagnostics.compressor_stats(state.opt_state, group)["_threshold"]
   assert np.all(exact > 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from train.config import Config, check_divisible, validate
 from train.errors import UsageError
@@ -20,6 +20,8 @@ from train.lm.presets import LM_MODEL_NAMES, lm_spec
 # equal to train.lm.data.LM_DATASETS.
 LM_DATASETS = ("stdlib", "tiny_shakespeare", "lm1b")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Where Adam's moments are computed (docs/lm.md, "Where Adam sits").
+ADAM_PLACEMENTS = ("auto", "before_compression", "after_exchange")
 
 
 def _field(default: Any, doc: str) -> Any:
@@ -31,6 +33,7 @@ def _field(default: Any, doc: str) -> Any:
 class LMConfig(Config):
   """Everything an LM run depends on. The default is the CPU job of docs/lm.md: the tiny
   transformer on the standard library's source as bytes, hggtopk at 1%, 4 devices."""
+  PROG: ClassVar[str] = "python -m train.lm"
   # --- Config fields with text defaults ---
   model: str = _field("tiny", "model: one of " + ", ".join(LM_MODEL_NAMES))
   dataset: str = _field("stdlib", "stdlib (this Python's own .py files as text, offline), "
@@ -46,8 +49,8 @@ class LMConfig(Config):
   weight_decay: float = _field(0.1, "AdamW's decoupled weight decay, on matrices and "
                                "embeddings only (not biases or LayerNorm scales)")
   momentum_correction: bool = _field(
-      False, "must stay off: it is DGC's SGD momentum inside the compressor, and AdamW "
-      "keeps its own moments after the exchange (docs/lm.md)")
+      False, "must stay off: it is DGC's SGD momentum inside the compressor; Adam keeps "
+      "its own moments (--adam says where; docs/lm.md)")
   data_dir: str | None = _field(
       None, "stdlib: a directory of .py files to use instead of this Python's library; "
       "tiny_shakespeare, lm1b: a prepared tensorflow-datasets directory (default: TFDS's "
@@ -66,10 +69,16 @@ class LMConfig(Config):
   b1: float = _field(0.9, "AdamW's first-moment decay")
   b2: float = _field(0.95, "AdamW's second-moment decay")
   eps: float = _field(1e-8, "AdamW's epsilon")
+  adam: str = _field(
+      "auto", "where Adam's moments are computed: before_compression (per device, on its "
+      "own gradient; the compressor sends Adam's steps, error feedback keeps what it did "
+      "not send), after_exchange (standard AdamW on the exchanged mean), or auto: "
+      "before_compression with a compressor, after_exchange with none (docs/lm.md)")
   clip_norm: float = _field(1.0, "clip gradients to this global L2 norm (0: no clipping)")
   clip_after_exchange: bool = _field(
       False, "clip the exchanged mean instead of each device's gradient before the "
-      "compressor (docs/lm.md: the default keeps what error feedback stores bounded)")
+      "compressor (docs/lm.md: the default keeps what error feedback stores bounded); "
+      "only with Adam after the exchange")
   dropout: float = _field(0.0, "dropout rate on embeddings and residual branches (0: off)")
   eval_windows: int | None = _field(
       256, "validation windows per evaluation, spread evenly over the split (None: all)")
@@ -80,6 +89,14 @@ class LMConfig(Config):
 
 
 LM_FIELDS = {f.name for f in dataclasses.fields(LMConfig)}
+
+
+def adam_placement(cfg: LMConfig) -> str:
+  """`cfg.adam` with "auto" resolved: Adam before the compressor when there is one to
+  correct for, standard AdamW on the mean with `none` (dense data parallelism)."""
+  if cfg.adam != "auto":
+    return cfg.adam
+  return "after_exchange" if cfg.compressor == "none" else "before_compression"
 
 
 def override(cfg: LMConfig, values: dict[str, Any]) -> LMConfig:
@@ -100,8 +117,14 @@ def validate_lm(cfg: LMConfig, compressor_names, n_devices: int | None = None) -
   validate(cfg, compressor_names, LM_MODEL_NAMES, LM_DATASETS)
   if cfg.momentum_correction:
     raise UsageError("--momentum-correction is SGD momentum inside the compressor and does "
-                     "not apply to AdamW, which keeps its moments after the exchange; "
+                     "not apply to Adam, which keeps its own moments (--adam says where); "
                      "leave it off")
+  if cfg.adam not in ADAM_PLACEMENTS:
+    raise UsageError(f"--adam must be one of {', '.join(ADAM_PLACEMENTS)}, got {cfg.adam!r}")
+  if cfg.clip_after_exchange and adam_placement(cfg) == "before_compression":
+    raise UsageError("--clip-after-exchange clips the gradient before Adam, which needs "
+                     "--adam after_exchange; with Adam before the compressor each device "
+                     "clips its own gradient")
   context = lm_spec(cfg.model).context
   if cfg.seq_len < 1:
     raise UsageError(f"--seq-len must be >= 1, got {cfg.seq_len}")

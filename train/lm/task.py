@@ -1,23 +1,33 @@
 """The language-modelling task: next-token loss, metrics, and the optimizer chain.
 
-The optimizer is
+The optimizer has the compressor (built by the harness, `train.optim.make_compressor`)
+in one of two places relative to Adam (`cfg.adam`, resolved by
+`train.lm.config.adam_placement`):
 
-    clip (each device's gradient) -> compressor (exchange over "data") -> AdamW
+    before_compression:  clip -> Adam's moments, per device -> compressor
+                         -> decoupled weight decay -> learning rate
+    after_exchange:      clip -> compressor -> AdamW (moments on the exchanged mean)
 
-with the compressor built by the harness (`train.optim.make_compressor`) and passed in.
+Adam before the compressor. Each device keeps Adam's first and second moments of its own
+(clipped) gradient and the compressor sends Adam's step: every coordinate's step is
+bounded, error feedback stores the steps not yet sent, and a coordinate sent after many
+steps moves by what dense Adam would have moved it over those steps. This is DGC's
+momentum correction carried over to Adam (the moments live where the velocity would).
+After the exchange, Adam normalises the sparse mean instead: a coordinate sent once
+after many steps of accumulation moves by a few learning-rate units however large the
+residual it carries, so top-k at low density trails dense AdamW (docs/lm.md has both
+measured).
 
-Clipping placement. By default each device clips its own gradient before the
-compressor: error feedback stores what was not sent and adds it back later, so a
-gradient spike that entered unclipped would sit in the residual and come out over the
-following steps; clipped first, the residual stays bounded by what clipping allows.
-`clip_after_exchange` clips the exchanged mean instead (as dense single-device training
-would); under top-k that mean is sparse, its norm far below a dense gradient's, so the
-same threshold bites less often.
+Clipping placement. Each device clips its own gradient before the compressor by default:
+error feedback stores what was not sent and adds it back later, so a gradient spike that
+entered unclipped would sit in the residual and come out over the following steps;
+clipped first, the residual stays bounded by what clipping allows. `clip_after_exchange`
+(with Adam after the exchange only) clips the exchanged mean instead, as dense
+single-device training would; under top-k that mean is sparse, its norm far below a dense
+gradient's, so the same threshold bites less often.
 
-Momentum correction is off. hggjax's `momentum=` is DGC's correction for momentum SGD:
-each device keeps the SGD velocity and compresses it. AdamW keeps its first and second
-moments after the exchange, on the averaged (sparse) update, identically on every
-device; a velocity inside the compressor would be a second momentum on top of Adam's.
+hggjax's momentum correction (`momentum=`, DGC's SGD velocity inside the compressor) is
+off: Adam's first moment is the momentum, and it lives where `cfg.adam` puts it.
 """
 
 from __future__ import annotations
@@ -97,14 +107,43 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def lm_optimizer(cfg, compressor: optax.GradientTransformation,
-                 total_steps: int) -> optax.GradientTransformation:
-  """clip -> compressor -> AdamW(warm-up + cosine), or compressor -> clip -> AdamW with
-  `cfg.clip_after_exchange`; `compressor` comes from `train.optim.make_compressor`
-  (it must be built with momentum correction off)."""
-  adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
+def finite_or_unchanged(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, except that a non-finite input leaves its state as it was and passes
+  through unchanged: the compressor after it then skips the step on this device and
+  counts it (hggjax's non-finite guard), instead of Adam's moments keeping a NaN for
+  good."""
+  def update(updates, state, params=None):
+    new_updates, new_state = inner.update(updates, state, params)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    return jax.tree.map(keep, new_updates, updates), jax.tree.map(keep, new_state, state)
+  return optax.GradientTransformation(inner.init, update)
+
+
+def lm_optimizer_parts(cfg, compressor: optax.GradientTransformation, total_steps: int,
+                       axis_name: str | None = None):
+  """The chain around `compressor` (built with momentum correction off) as a
+  `train.task.Optimizer`: which parts act on each device's gradient and which on the
+  exchanged mean (module docstring). `axis_name` is the compressor's: Adam's moments
+  before it are kept per device along it (`hggjax.per_device`)."""
+  import hggjax  # pylint: disable=import-outside-toplevel
+  from train.lm.config import adam_placement  # pylint: disable=import-outside-toplevel
+  from train.task import Optimizer  # pylint: disable=import-outside-toplevel
+  schedule = lr_schedule(cfg, total_steps)
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
+  if adam_placement(cfg) == "before_compression":
+    adam = finite_or_unchanged(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    return Optimizer((clip, hggjax.per_device(adam, axis_name=axis_name), compressor,
+                      optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                      optax.scale_by_learning_rate(schedule)), 2)
+  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.clip_after_exchange:
-    return optax.chain(compressor, clip, adamw)
-  return optax.chain(clip, compressor, adamw)
+    return Optimizer((compressor, clip, adamw), 0)
+  return Optimizer((clip, compressor, adamw), 1)
+
+
+def lm_optimizer(cfg, compressor: optax.GradientTransformation, total_steps: int,
+                 axis_name: str | None = None) -> optax.GradientTransformation:
+  """The chain of `lm_optimizer_parts` as one optax transformation."""
+  return lm_optimizer_parts(cfg, compressor, total_steps, axis_name).tx

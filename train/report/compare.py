@@ -3,14 +3,17 @@
     python -m train.compare                                   # all names at 0.01 and 0.05
     python -m train.compare --compressors none,topk,hggtopk --densities 0.01 --steps 500
     python -m train.compare --model resnet18 --dataset cifar10 --data-dir DIR --epochs 1
+    python -m train.compare --task lm --densities 0.01        # language models (docs/lm.md)
 
-Every run is one `python -m train.cifar` run (same flags, same code, in this process so the
-dataset is loaded once) into `<log-dir>/<compressor>-d<density>/` (`none` runs once, as
-`<log-dir>/none/`: it has no density). Flags other than --compressors, --densities and
---log-dir go to every run unchanged (`python -m train.cifar --help` lists them); the
-defaults differ from train.cifar's in three ways that keep the whole sweep short:
-`--steps 200 --log-every 20 --no-checkpoint` (pass --steps/--epochs/--log-every to
-change them, --checkpoint to keep checkpoints).
+Every run is one `python -m train.cifar` run (`--task lm`: one `python -m train.lm` run;
+same flags, same code, in this process so the dataset is loaded once) into
+`<log-dir>/<compressor>-d<density>/` (`none` runs once, as `<log-dir>/none/`: it has no
+density). Flags other than --task, --compressors, --densities and --log-dir go to every
+run unchanged (`python -m train.cifar --help` / `python -m train.lm --help` list them).
+Image runs default to `--steps 200 --log-every 20 --no-checkpoint`, which keeps the whole
+sweep short (pass --steps/--epochs/--log-every to change them, --checkpoint to keep
+checkpoints); language-model runs keep train.lm's length and logging (a text run needs its
+steps) and default to `--no-checkpoint` only.
 
 A run whose summary.json says it reached its last step is skipped when the comparison is
 re-run (after checking that it was run with the same settings); an unfinished run
@@ -39,6 +42,7 @@ from train.config import CPU_DEFAULT_DEVICES, Config
 from train.errors import NonFiniteError, UsageError
 
 DEFAULT_LOG_DIR = os.path.join("logs", "comparison")
+PROGRAMS = {"image": train_cli.IMAGE, "lm": train_cli.LM}
 DEFAULT_DENSITIES = (0.01, 0.05)
 # Defaults added in front of the user's flags: about a minute per run on the 2-core CPU
 # machine, so that the default sweep (21 runs) fits in about half an hour.
@@ -52,7 +56,7 @@ _OWN_FLAGS = {"compressor": "--compressors", "density": "--densities", "log_dir"
 class Planned(NamedTuple):
   """One run of the comparison."""
   name: str            # directory name under the log dir
-  argv: list[str]      # the `python -m train.cifar` flags that reproduce it
+  argv: list[str]      # the `python -m train.cifar` (or train.lm) flags that reproduce it
   config: Config       # what those flags resolve to
 
 
@@ -64,13 +68,16 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="python -m train.compare", description=__doc__, allow_abbrev=False,
               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--task", choices=sorted(PROGRAMS), default="image", help="image: "
+                 "python -m train.cifar runs; lm: python -m train.lm runs (default: "
+                 "%(default)s)")
   p.add_argument("--compressors", default=None, help="comma-separated hggjax compressor "
                  "names (default: all of hggjax.compressors)")
   p.add_argument("--densities", default=",".join(map(str, DEFAULT_DENSITIES)),
                  help="comma-separated densities in (0, 1] (default: %(default)s)")
   p.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help="where the run directories, "
                  "summary.md and summary.csv go (default: %(default)s)")
-  p.add_argument("--checkpoint", action="store_true", help="keep train.cifar's orbax "
+  p.add_argument("--checkpoint", action="store_true", help="keep the runs' orbax "
                  "checkpoints (default: --no-checkpoint)")
   return p
 
@@ -95,19 +102,20 @@ def _densities(text: str) -> list[float]:
 
 
 def plan(compressors: list[str], densities: list[float], train_args: list[str], log_root: str,
-         *, checkpoint: bool = False) -> list[Planned]:
-  """The runs of a comparison, each resolved by train.cifar's own parser and checked as
-  train.cifar checks it."""
-  given = vars(train_cli.build_parser().parse_args(train_args))
+         *, checkpoint: bool = False, task: str = "image") -> list[Planned]:
+  """The runs of a comparison, each resolved by its command's own parser (train.cifar,
+  or train.lm with `task="lm"`) and checked as that command checks it."""
+  program = PROGRAMS[task]
+  given = vars(train_cli.build_parser(program).parse_args(train_args))
   for field, own in _OWN_FLAGS.items():
     if field in given:
       flag = "--" + field.replace("_", "-")
       raise UsageError(f"{flag} is not a train.compare flag" +
                        (f"; use {own}" if own else ""))
   base = []
-  if "steps" not in given and "epochs" not in given:
+  if task == "image" and "steps" not in given and "epochs" not in given:
     base += DEFAULT_RUN_FLAGS["steps"]
-  if "log_every" not in given:
+  if task == "image" and "log_every" not in given:
     base += DEFAULT_RUN_FLAGS["log_every"]
   if not checkpoint:
     base += ["--no-checkpoint"]
@@ -118,7 +126,7 @@ def plan(compressors: list[str], densities: list[float], train_args: list[str], 
       name = "none" if c == "none" else f"{c}-d{d:g}"
       argv = base + ["--compressor", c, "--density", f"{d:g}",
                      "--log-dir", os.path.join(log_root, name)]
-      cfg, _ = train_cli.resolve(train_cli.build_parser().parse_args(argv))
+      cfg, _ = train_cli.resolve(train_cli.build_parser(program).parse_args(argv), program)
       train_cli.check(cfg)
       runs.append(Planned(name, argv, cfg))
   return runs
@@ -148,8 +156,8 @@ def _check_same_settings(run: Planned) -> None:
 def _clear_unfinished(path: str) -> None:
   entries = os.listdir(path)
   if entries and "config.json" not in entries:
-    raise UsageError(f"{path} exists but is not a train.cifar run directory; move it away "
-                     "or use another --log-dir")
+    raise UsageError(f"{path} exists but is not a run directory; move it away or use "
+                     "another --log-dir")
   shutil.rmtree(path)
 
 
@@ -177,11 +185,9 @@ def run_comparison(runs: list[Planned], log_root: str, *, command: str, dataset=
   os.makedirs(log_root, exist_ok=True)
   failed: dict[str, str] = {}
   if todo:
-    from train import data as data_lib  # pylint: disable=import-outside-toplevel
+    from train import task as task_lib  # pylint: disable=import-outside-toplevel
     from train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
-    cfg0 = todo[0].config
-    ds = dataset or data_lib.load_dataset(cfg0.dataset, cfg0.data_dir,
-                                          synthetic_size=cfg0.synthetic_size)
+    ds = dataset or task_lib.for_config(todo[0].config).data
   for run in runs:
     if run not in todo:
       print(f"[compare] skip {run.name}: finished earlier in {run.config.log_dir}", file=stream)
@@ -193,7 +199,7 @@ def run_comparison(runs: list[Planned], log_root: str, *, command: str, dataset=
     print(f"[compare] run {todo.index(run) + 1}/{len(todo)}: {run.name}", file=stream)
     t0 = time.perf_counter()
     try:
-      train_and_evaluate(run.config, argv=["python", "-m", "train.cifar", *run.argv],
+      train_and_evaluate(run.config, argv=[*run.config.PROG.split(), *run.argv],
                          dataset=ds, stream=stream)
     except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
       failed[run.name] = f"failed: {type(err).__name__}: {err}".splitlines()[0]
@@ -223,7 +229,8 @@ def run_comparison(runs: list[Planned], log_root: str, *, command: str, dataset=
     rows.append({"run": run.name, "compressor": run.config.compressor,
                  "density": run.config.density, **row, "status": status})
   machine = _machine(loads)
-  md, csv = summary.write(log_root, rows, command, machine)
+  task = "lm" if runs and reader.task_of(dataclasses.asdict(runs[0].config)) == "lm" else "image"
+  md, csv = summary.write(log_root, rows, command, machine, task)
   print(f"[compare] wrote {md} and {csv}", file=stream)
   return rows
 
@@ -236,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     compressors = _names(args.compressors, hggjax.compressors) if args.compressors else \
         sorted(hggjax.compressors)
     runs = plan(compressors, _densities(args.densities), train_args, args.log_dir,
-                checkpoint=args.checkpoint)
+                checkpoint=args.checkpoint, task=args.task)
     import jax  # pylint: disable=import-outside-toplevel
     # Before the first backend use, as in train.cifar (only the CPU backend reads it).
     jax.config.update("jax_num_cpu_devices", runs[0].config.devices or CPU_DEFAULT_DEVICES)

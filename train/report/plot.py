@@ -5,13 +5,16 @@
     python -m train.plot --selection benchmarks/results/selection_cpu.json --out docs/img
 
 From the run directories (read by train/report/reader.py: config.json, metrics.jsonl,
-timing.json, summary.json as documented in docs/training.md) it writes
+timing.json, summary.json as documented in docs/training.md and docs/lm.md) it writes
   curves_step.png          training-batch accuracy and loss vs step, test points marked
+                           (language models: loss and bits per byte, validation marked)
   curves_time.png          the same vs training wall time
   time_breakdown.png       compute / compressor update / exchange + update per run (timing.json)
   bytes_per_step.png       bytes each device sends per step, log scale, dense marked
   selection_quality.png    count/k and the threshold's relative error per run
-  accuracy_vs_density.png  final test accuracy vs density, dense as a line
+  accuracy_vs_density.png  final test accuracy vs density, dense as a line (language
+                           models: bits_per_byte_vs_density.png, validation bits per byte)
+One log directory holds runs of one task (image classification or language models).
 and from each `--selection FILE.json` of `python -m benchmarks.selection`, `<FILE>.png`:
 time vs n on log-log axes per density, with the one-pass floor when the file has it.
 A compressor keeps its colour in every figure (train/report/style.py).
@@ -50,7 +53,18 @@ class _Series:
     self.m = reader.metrics(run)
 
 
+def task_of(runs: list[reader.Run]) -> str:
+  """The task all `runs` share; UsageError when they mix image and text runs."""
+  tasks = sorted({r.task for r in runs})
+  if len(tasks) > 1:
+    raise UsageError("the log dir mixes image-classification and language-model runs ("
+                     + ", ".join(f"{r.name}: {r.task}" for r in runs[:4])
+                     + "); plot each in its own directory")
+  return tasks[0]
+
+
 def setup(runs: list[reader.Run]) -> tuple[list[_Series], str]:
+  task = task_of(runs)
   colors = style.colors_for(r.config["compressor"] for r in runs)
   densities = sorted({r.config["density"] for r in runs if r.config["compressor"] != "none"})
   series = sorted((_Series(r, colors, densities) for r in runs),
@@ -62,8 +76,9 @@ def setup(runs: list[reader.Run]) -> tuple[list[_Series], str]:
   # config.json has devices = null when the run took the default; summary.json has the count.
   devices = "/".join(sorted({str((r.summary or {}).get("devices") or r.config.get("devices"))
                              for r in runs}))
+  tokens = f" x {values('seq_len')} tokens" if task == "lm" else ""
   subtitle = (f"{values('dataset')}, {values('model')}, {steps} steps, batch "
-              f"{values('batch_size')}, {devices} devices")
+              f"{values('batch_size')}{tokens}, {devices} devices")
   return series, subtitle
 
 
@@ -79,31 +94,53 @@ def _legend(fig, series: list[_Series], extra: list | None = None) -> None:
   fig.legend(handles=handles + (extra or []), loc="outside right upper", fontsize=8)
 
 
+# Per task: the two panels of curves_*.png as (train key, eval key, scale, y label, title).
+_PANELS = {
+    "image": (("accuracy", "test_accuracy", 100, "accuracy (%)", "Accuracy"),
+              ("loss", "test_loss", 1, "cross-entropy loss (nats)", "Loss")),
+    "lm": (("loss", "valid_loss", 1, "next-token cross-entropy (nats)", "Loss"),
+           ("bits_per_byte", "valid_bits_per_byte", 1, "bits per byte", "Bits per byte")),
+}
+_EVAL_NAME = {"image": "test set", "lm": "validation"}
+
+
 def curves(series, subtitle, out_dir, x_of, xlabel, name) -> str:
+  task = series[0].run.task
   fig = style.figure(11, 4.5)
-  ax_acc, ax_loss = fig.subplots(1, 2)
+  axes = fig.subplots(1, 2)
   for s in series:
     xs = x_of(s)
-    for ax, key, test_key, scale in ((ax_acc, "accuracy", "test_accuracy", 100),
-                                     (ax_loss, "loss", "test_loss", 1)):
+    for ax, (key, eval_key, scale, _, _) in zip(axes, _PANELS[task]):
       line = [(x, scale * e[key]) for e, x in zip(s.run.train, xs) if finite(e[key])]
       if line:  # a non-finite value (null in metrics.jsonl) leaves out its point
         ax.plot(*zip(*line), color=s.color, ls=s.linestyle, lw=1.2)
       # Eval lines are placed at the x of the train line of the same step.
       at = {e["step"]: x for e, x in zip(s.run.train, xs)}
-      pts = [(at[e["step"]], scale * e[test_key]) for e in s.run.evals
-             if e["step"] in at and e[test_key] is not None]
+      pts = [(at[e["step"]], scale * e[eval_key]) for e in s.run.evals
+             if e["step"] in at and e[eval_key] is not None]
       if pts:
         ax.plot(*zip(*pts), ls="none", marker="o", ms=5, mfc=s.color, mec="k", mew=0.5)
-  ax_acc.set(xlabel=xlabel, ylabel="accuracy (%)", title="Accuracy")
-  ax_loss.set(xlabel=xlabel, ylabel="cross-entropy loss (nats)", title="Loss")
-  for ax in (ax_acc, ax_loss):
+  extra = [Line2D([], [], color="0.5", ls="none", marker="o", mec="k",
+                  label=f"{_EVAL_NAME[task]} (eval)")]
+  unigram = _unigram(series)
+  if unigram is not None:  # what a model without context reaches: learning starts below
+    axes[1].axhline(unigram, color="0.4", ls=":", lw=1)
+    extra.append(Line2D([], [], color="0.4", ls=":", label=f"unigram baseline ({unigram:.2f})"))
+  for ax, (_, _, _, ylabel, title) in zip(axes, _PANELS[task]):
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-  fig.suptitle(f"Training-batch accuracy and loss (lines), test set (dots): {subtitle}",
+  what = "accuracy and loss" if task == "image" else "loss and bits per byte"
+  fig.suptitle(f"Training-batch {what} (lines), {_EVAL_NAME[task]} (dots): {subtitle}",
                fontsize=10)
-  _legend(fig, series, [Line2D([], [], color="0.5", ls="none", marker="o", mec="k",
-                               label="test set (eval)")])
+  _legend(fig, series, extra)
   return style.save(fig, out_dir, name)
+
+
+def _unigram(series) -> float | None:
+  """The validation unigram baseline in bits per byte (text runs of one corpus)."""
+  values = {s.m.get("unigram_bits_per_byte") for s in series}
+  values = [v for v in values if finite(v)]
+  return values[0] if len(values) == 1 else None
 
 
 def time_breakdown(series, subtitle, out_dir) -> str | None:
@@ -203,33 +240,42 @@ def _quality(series, subtitle, out_dir) -> str:
   return style.save(fig, out_dir, "selection_quality.png")
 
 
-def _accuracy_vs_density(series, subtitle, out_dir) -> str:
+# Per task: the final number charted against density, (metrics key, scale, y label, file).
+_FINAL = {"image": ("final_test_accuracy", 100, "final test accuracy (%)",
+                    "accuracy_vs_density.png"),
+          "lm": ("final_valid_bits_per_byte", 1, "final validation bits per byte (lower is "
+                 "better)", "bits_per_byte_vs_density.png")}
+
+
+def _final_vs_density(series, subtitle, out_dir) -> str:
+  key, scale, ylabel, name = _FINAL[series[0].run.task]
   fig = style.figure(8, 4.5)
   ax = fig.subplots()
   by_name: dict[str, list[_Series]] = {}
   for s in series:
-    if finite(s.m["final_test_accuracy"]):
+    if finite(s.m[key]):
       by_name.setdefault(s.compressor, []).append(s)
   extra = []
-  for name, group in by_name.items():
-    if name == "none":
+  for name_, group in by_name.items():
+    if name_ == "none":
       for s in group:
-        ax.axhline(100 * s.m["final_test_accuracy"], color=s.color, ls="--", lw=1)
+        ax.axhline(scale * s.m[key], color=s.color, ls="--", lw=1)
       extra.append(Line2D([], [], color="k", ls="--", label="none (dense)"))
       continue
     group = sorted(group, key=lambda s: s.run.config["density"])
     ax.plot([s.run.config["density"] for s in group],
-            [100 * s.m["final_test_accuracy"] for s in group], color=group[0].color,
-            marker="o", lw=1.5, label=name)
+            [scale * s.m[key] for s in group], color=group[0].color,
+            marker="o", lw=1.5, label=name_)
   ax.set_xscale("log")
+  title = "Accuracy" if series[0].run.task == "image" else "Bits per byte"
   ax.set(xlabel="density (share of elements sent per leaf, log scale)",
-         ylabel="final test accuracy (%)", title=f"Accuracy vs density: {subtitle}")
+         ylabel=ylabel, title=f"{title} vs density: {subtitle}")
   ax.title.set_fontsize(10)
   ax.grid(alpha=0.3)
   handles = [Line2D([], [], color=g[0].color, marker="o", label=n)
              for n, g in by_name.items() if n != "none"]
   fig.legend(handles=handles + extra, loc="outside right upper", fontsize=8)
-  return style.save(fig, out_dir, "accuracy_vs_density.png")
+  return style.save(fig, out_dir, name)
 
 
 def _skipped(name: str, why: str) -> None:
@@ -249,7 +295,7 @@ def plot_runs(log_dir: str, out_dir: str) -> list[str]:
       time_breakdown(series, subtitle, out_dir),
       _bytes(series, subtitle, out_dir),
       _quality(series, subtitle, out_dir),
-      _accuracy_vs_density(series, subtitle, out_dir),
+      _final_vs_density(series, subtitle, out_dir),
   ]
   return [p for p in paths if p]
 

@@ -1,8 +1,10 @@
-"""Reading finished `train.cifar` run directories and the numbers compare and plot report.
+"""Reading finished run directories and the numbers compare and plot report.
 
-Reads only the documented files of a run directory (docs/training.md): `config.json`,
-`metrics.jsonl` (`kind` = `train` / `eval` lines), `timing.json` and `summary.json`. A key
-the schema promises but a line lacks is an error naming the file and line, never a silent
+Reads only the documented files of a run directory (docs/training.md, docs/lm.md):
+`config.json`, `metrics.jsonl` (`kind` = `train` / `eval` lines), `timing.json` and
+`summary.json`, of `python -m train.cifar` runs (image classification: test-set eval
+lines) and `python -m train.lm` runs (language models: validation eval lines). A key the
+schema promises but a line lacks is an error naming the file and line, never a silent
 gap in a chart. Imports neither JAX nor matplotlib.
 """
 
@@ -20,12 +22,23 @@ from train.errors import UsageError
 TRAIN_KEYS = ("step", "loss", "accuracy", "samples_per_s", "selected", "k", "sent_bytes",
               "dense_bytes", "threshold_rel_err")
 EVAL_KEYS = ("step", "test_accuracy", "test_loss")
+# docs/lm.md's keys of a language model's train and eval lines.
+LM_TRAIN_KEYS = TRAIN_KEYS + ("tokens_per_s", "bits_per_byte")
+LM_EVAL_KEYS = ("step", "valid_loss", "valid_bits_per_byte", "valid_perplexity",
+                "valid_accuracy")
+TASKS = ("image", "lm")
+
+
+def task_of(config: dict[str, Any]) -> str:
+  """"lm" for a `python -m train.lm` run (its config has `seq_len`), else "image"."""
+  return "lm" if "seq_len" in config else "image"
 
 
 class Run(NamedTuple):
   """One run directory, parsed."""
   name: str                    # the directory's base name
   path: str
+  task: str                    # "image" or "lm" (`task_of`)
   config: dict[str, Any]       # config.json: the resolved train.config.Config
   train: list[dict[str, Any]]  # metrics.jsonl `kind: "train"` lines, in file order
   evals: list[dict[str, Any]]  # metrics.jsonl `kind: "eval"` lines, in file order
@@ -41,7 +54,10 @@ def _read_json(path: str) -> Any:
     raise UsageError(f"{path} is not valid JSON ({err})") from None
 
 
-def _read_metrics(path: str) -> tuple[list[dict], list[dict]]:
+def _read_metrics(path: str, task: str) -> tuple[list[dict], list[dict]]:
+  schema = {"image": {"train": TRAIN_KEYS, "eval": EVAL_KEYS},
+            "lm": {"train": LM_TRAIN_KEYS, "eval": LM_EVAL_KEYS}}[task]
+  doc = "docs/lm.md" if task == "lm" else "docs/training.md"
   train, evals = [], []
   with open(path) as f:
     for number, text in enumerate(f, 1):
@@ -52,14 +68,14 @@ def _read_metrics(path: str) -> tuple[list[dict], list[dict]]:
       except json.JSONDecodeError as err:
         raise UsageError(f"{path} line {number} is not JSON ({err})") from None
       kind = entry.get("kind")
-      keys = {"train": TRAIN_KEYS, "eval": EVAL_KEYS}.get(kind)
+      keys = schema.get(kind)
       if keys is None:
         raise UsageError(f"{path} line {number}: kind {kind!r} is neither 'train' nor 'eval' "
-                         "(see docs/training.md for the metrics.jsonl schema)")
+                         f"(see {doc} for the metrics.jsonl schema)")
       missing = [k for k in keys if k not in entry]
       if missing:
         raise UsageError(f"{path} line {number}: {kind} line lacks {', '.join(missing)} "
-                         "(see docs/training.md for the metrics.jsonl schema)")
+                         f"(see {doc} for the metrics.jsonl schema)")
       (train if kind == "train" else evals).append(entry)
   return train, evals
 
@@ -68,14 +84,16 @@ def load_run(path: str) -> Run:
   """Parses one run directory; it must hold config.json and metrics.jsonl."""
   for name in ("config.json", "metrics.jsonl"):
     if not os.path.isfile(os.path.join(path, name)):
-      raise UsageError(f"{path} has no {name}: not a python -m train.cifar run directory")
-  train, evals = _read_metrics(os.path.join(path, "metrics.jsonl"))
+      raise UsageError(f"{path} has no {name}: not a run directory of python -m "
+                       "train.cifar or python -m train.lm")
+  config = _read_json(os.path.join(path, "config.json"))
+  task = task_of(config)
+  train, evals = _read_metrics(os.path.join(path, "metrics.jsonl"), task)
   optional = {}
   for name in ("timing.json", "summary.json"):
     file = os.path.join(path, name)
     optional[name] = _read_json(file) if os.path.isfile(file) else None
-  return Run(os.path.basename(os.path.normpath(path)), path,
-             _read_json(os.path.join(path, "config.json")), train, evals,
+  return Run(os.path.basename(os.path.normpath(path)), path, task, config, train, evals,
              optional["timing.json"], optional["summary.json"])
 
 
@@ -149,10 +167,35 @@ def _median(values: list[float]) -> float | None:
   return statistics.median(values) if values else None
 
 
-def metrics(run: Run) -> dict[str, Any]:
-  """The comparison numbers of one run (None where the run did not produce them)."""
-  cfg, last = run.config, run.train[-1]
+def _lm_metrics(run: Run) -> dict[str, Any]:
+  losses = [e["valid_loss"] for e in run.evals if finite(e["valid_loss"])]
+  last = run.evals[-1] if run.evals else {}
+  rates = [e["tokens_per_s"] for e in run.train if finite(e["tokens_per_s"])]
+  return {
+      "final_valid_loss": last.get("valid_loss"),
+      "best_valid_loss": min(losses) if losses else None,
+      "final_valid_bits_per_byte": last.get("valid_bits_per_byte"),
+      "final_valid_perplexity": last.get("valid_perplexity"),
+      "final_valid_accuracy": last.get("valid_accuracy"),
+      "tokens_per_s": _median(rates),
+      "unigram_bits_per_byte": (run.summary or {}).get("unigram_valid_bits_per_byte"),
+  }
+
+
+def _image_metrics(run: Run) -> dict[str, Any]:
   test_acc = [e["test_accuracy"] for e in run.evals if e["test_accuracy"] is not None]
+  return {
+      "final_test_accuracy": run.evals[-1]["test_accuracy"] if run.evals else None,
+      "best_test_accuracy": max(test_acc) if test_acc else None,
+      "final_test_loss": run.evals[-1]["test_loss"] if run.evals else None,
+  }
+
+
+def metrics(run: Run) -> dict[str, Any]:
+  """The comparison numbers of one run (None where the run did not produce them): the
+  shared ones and its task's (test accuracy for images, validation loss and bits per byte
+  for text)."""
+  cfg, last = run.config, run.train[-1]
   ratios = [e["selected"] / e["k"] for e in run.train if e["k"]]
   errs = [e["threshold_rel_err"] for e in run.train if e["threshold_rel_err"] is not None]
   timing = run.timing or {}
@@ -163,9 +206,7 @@ def metrics(run: Run) -> dict[str, Any]:
       "steps": last["step"], "total_steps": total,
       "finished": bool(run.summary) and run.summary.get("step") == total,
       "stopped": run.summary.get("stopped") if run.summary else None,
-      "final_test_accuracy": run.evals[-1]["test_accuracy"] if run.evals else None,
-      "best_test_accuracy": max(test_acc) if test_acc else None,
-      "final_test_loss": run.evals[-1]["test_loss"] if run.evals else None,
+      **(_lm_metrics(run) if run.task == "lm" else _image_metrics(run)),
       "final_train_loss": last["loss"],
   }
   for key in ("step_s", "compute_s", "compressor_update_s", "exchange_and_update_s",

@@ -64,15 +64,20 @@ def _recorder(seen):
   return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
-@pytest.mark.parametrize("after", [False, True])
-def test_clipping_before_or_after_the_compressor(after):
+@pytest.mark.parametrize("adam, after, received", [
+    ("after_exchange", False, 1.0),      # the clipped gradient
+    ("after_exchange", True, 40.0),      # the raw gradient: clipping comes after
+    ("before_compression", False, 4.0),  # Adam's first step: +-1 per element, 16 of them
+])
+def test_what_the_compressor_receives(adam, after, received):
+  """Clipping before or after the compressor, Adam before it or after the exchange."""
   seen = []
-  cfg = LMConfig(clip_norm=1.0, clip_after_exchange=after)
+  cfg = LMConfig(clip_norm=1.0, clip_after_exchange=after, adam=adam)
   tx = task.lm_optimizer(cfg, _recorder(seen), total_steps=10)
   params = {"w": jnp.ones((4, 4))}
   grads = {"w": jnp.full((4, 4), 10.0)}  # norm 40
   tx.update(grads, tx.init(params), params)
-  assert float(seen[0]) == pytest.approx(40.0 if after else 1.0)
+  assert float(seen[0]) == pytest.approx(received, rel=1e-5)
 
 
 def test_default_compressor_has_no_momentum(compressor_calls):

@@ -144,7 +144,8 @@ def _no_config(d):
     (lambda d: None, "does not exist; run python -m train.compare"),
     (lambda d: os.makedirs(d), "holds no runs"),
     (_bad_line, "metrics.jsonl line 6: train line lacks loss"),
-    (_no_config, "has no config.json: not a python -m train.cifar run directory"),
+    (_no_config, "has no config.json: not a run directory of python -m train.cifar or "
+                 "python -m train.lm"),
 ])
 def test_bad_log_dir_is_one_clear_line(tmp_path, capsys, make, message):
   d = str(tmp_path / "logs")
