@@ -2,7 +2,11 @@
 
 Residuals (and the per-step statistics) differ per device, so a compressor's
 state carries a leading device axis sharded ``P(axis_name)``; everything else
-in the optimizer state (momentum, step counts) is replicated, ``P()``.
+in the optimizer state (momentum, step counts) is replicated, ``P()``. With a
+two-level ``axis_name=(slow, fast)`` the devices along the fast axis compute the
+same state (they compress the same mean), so it is sharded over the slow axis
+only, ``P(slow)``, and replicated over the fast one; shard_map's type check then
+knows the update's result is replicated too.
 """
 
 from typing import Any
@@ -12,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hggjax import exchange
 from hggjax import state as state_lib
+from hggjax import validate
 from hggjax.state import CompressionState
 
 
@@ -20,26 +26,38 @@ def _is_compression(x) -> bool:
   return isinstance(x, CompressionState)
 
 
-def state_specs(opt_state: Any, axis_name: str) -> Any:
+def _state_axis(axis_name) -> str:
+  """The mesh axis a compressor state's device axis is sharded over (the slow one of a pair)."""
+  slow, _ = exchange.split_axes(validate.axis_name(axis_name))
+  if slow is None:
+    raise ValueError("axis_name is None: a compressor state without a device axis is "
+                     "replicated; pass the axis the compressor was built with.")
+  return slow
+
+
+def state_specs(opt_state: Any, axis_name: str | tuple[str, str]) -> Any:
   """PartitionSpecs for `opt_state`: P(axis_name) inside compressor states, P() elsewhere.
 
-  Use them as the ``in_specs``/``out_specs`` entry of the optimizer state.
+  Use them as the ``in_specs``/``out_specs`` entry of the optimizer state. For a
+  two-level ``(slow, fast)`` pair the compressor state is P(slow).
   """
+  axis = _state_axis(axis_name)
 
   def spec(sub):
     if _is_compression(sub):
-      return jax.tree.map(lambda _: P(axis_name), sub)
+      return jax.tree.map(lambda _: P(axis), sub)
     return P()
 
   return jax.tree.map(spec, opt_state, is_leaf=_is_compression)
 
 
-def shard_state(opt_state: Any, mesh: Mesh, axis_name: str) -> Any:
+def shard_state(opt_state: Any, mesh: Mesh, axis_name: str | tuple[str, str]) -> Any:
   """`opt_state` from ``tx.init`` placed on `mesh`, ready for ``jax.shard_map``.
 
   Compressor states (built with ``axis_name=axis_name``) are repeated once per
   device along their leading axis and sharded over `axis_name`; every other leaf
-  is replicated.
+  is replicated. For a two-level ``(slow, fast)`` pair, once per slow-axis
+  position, sharded over the slow axis and replicated over the fast one.
 
   Example:
     >>> import jax, optax, hggjax
@@ -47,8 +65,9 @@ def shard_state(opt_state: Any, mesh: Mesh, axis_name: str) -> Any:
     >>> tx = optax.chain(hggjax.topk(0.1, axis_name="data"), optax.sgd(0.1))
     >>> state = hggjax.shard_state(tx.init({"w": jax.numpy.ones(8)}), mesh, "data")
   """
-  devices = mesh.shape[axis_name]
-  per_device = NamedSharding(mesh, P(axis_name))
+  axis = _state_axis(axis_name)
+  devices = mesh.shape[axis]
+  per_device = NamedSharding(mesh, P(axis))
   replicated = NamedSharding(mesh, P())
 
   def build(x, sharding, shape):
@@ -83,9 +102,11 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   Keys: ``selected`` (elements sent), ``passed`` (met the threshold before the
   trim), ``k`` (target), ``threshold`` (float32[G], smallest magnitude sent per
   group), ``history_hits`` (groups where hggtopk selected from what the previous
-  step left), ``groups``, ``sent_bytes`` and ``dense_bytes`` (this device's
-  payload vs a dense exchange). With a device axis each value has a leading axis
-  of length P: reduce it yourself (e.g. sum ``sent_bytes`` for the whole wire).
+  step left), ``groups``, ``sent_bytes`` and ``received_bytes`` (this device's own
+  data put on the wire, other devices' data arriving; `hggjax.exchange.traffic`)
+  and ``dense_bytes`` (a dense exchange's payload). With a device axis each value
+  has a leading axis of length P: reduce it yourself (e.g. sum ``sent_bytes`` for
+  the whole wire).
   """
   s = state_lib.find(opt_state).stats
   return {
@@ -96,6 +117,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       "history_hits": jnp.sum(s.history_hit, axis=-1),
       "groups": jnp.full(s.k.shape, s.threshold.shape[-1]),
       "sent_bytes": s.sent_bytes,
+      "received_bytes": s.received_bytes,
       "dense_bytes": s.dense_bytes,
       "nonfinite": s.nonfinite,
   }

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from train import optim
 from train.config import Config
-from train.mesh import AXIS, host_value
+from train.mesh import data_axes, host_value
 from train.steps import TrainState, local_grads
 
 
@@ -45,20 +45,25 @@ def make_threshold_probe(state: TrainState, leaf_index: int, cfg: Config) -> Cal
   density = cfg.density
   momentum = optim.compressor_momentum(cfg)
   before = optim.before_compressor(cfg)
-  specs = hggjax.state_specs(state.opt_state, AXIS)
+  axes = data_axes(state.mesh)
+  # Two-level: the compressor selects from a host's mean over "local" (one per host).
+  slow, fast = axes if isinstance(axes, tuple) else (axes, None)
+  specs = hggjax.state_specs(state.opt_state, axes)
   graphdef = state.graphdef
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=state.mesh,
-                     in_specs=(P(), P(), specs, P(AXIS), P(AXIS)), out_specs=P())
+                     in_specs=(P(), P(), specs, P(axes), P(axes)), out_specs=P())
   def probe(params, batch_stats, opt_state, images, labels):
-    *_, grads = local_grads(graphdef, params, batch_stats, images, labels)
+    *_, grads = local_grads(graphdef, params, batch_stats, images, labels, axes)
+    if fast is not None:
+      grads = jax.lax.pmean(grads, fast)
     updates, _ = before.update(grads, before.init(params), params)
     acc = hggjax.accumulated(updates, opt_state, momentum=momentum)
     acc = jax.tree.leaves(acc)[leaf_index].reshape(-1)
     k = max(1, round(density * acc.size))
     # float32[P], replicated: readable on every process of a multi-process run.
-    return jax.lax.all_gather(jnp.min(jax.lax.top_k(jnp.abs(acc), k)[0]), AXIS, to="invarying")
+    return jax.lax.all_gather(jnp.min(jax.lax.top_k(jnp.abs(acc), k)[0]), slow, to="invarying")
 
   return probe
 
@@ -74,6 +79,8 @@ def compressor_stats(opt_state, group: int) -> dict[str, Any]:
   if "sent_bytes" in s and "dense_bytes" in s:
     out["sent_bytes"] = float(np.mean(s["sent_bytes"]))
     out["dense_bytes"] = float(np.mean(s["dense_bytes"]))
+  if "received_bytes" in s:
+    out["received_bytes"] = float(np.mean(s["received_bytes"]))
   if "history_hits" in s:
     out["history_hits"] = int(np.sum(s["history_hits"]))
   thr = s.get("threshold")  # float32[P, G]: one group per compressed leaf (scope="leaf")

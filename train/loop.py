@@ -70,7 +70,7 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
     cfg = dataclasses.replace(cfg, log_dir=logs.default_run_dir(cfg))
   log = logs.RunLog(cfg.log_dir, stream)
 
-  mesh = mesh_lib.make_mesh(n_dev)
+  mesh = mesh_lib.make_mesh(n_dev, cfg.hosts)
   state = steps.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, total)
   checkpoint_dir = checkpoint_dir or os.path.join(cfg.log_dir, "checkpoints")
   mngr = checkpoint.manager(checkpoint_dir) if cfg.checkpoint else None

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train import optim
-from train.mesh import AXIS
+from train.mesh import data_axes
 from train.steps import TrainState, local_grads, make_train_step
 
 
@@ -63,26 +63,27 @@ def time_breakdown(state: TrainState, cfg, batch, step_fn=None,
                    reps: int = 5) -> dict[str, Any]:
   """Seconds per piece of one step on `batch` (see the module docstring)."""
   mesh, graphdef = state.mesh, state.graphdef
-  n_dev = mesh.shape[AXIS]
+  axes = data_axes(mesh)
+  n_dev = mesh.size
   images, labels = batch
   step_fn = step_fn or make_train_step(state)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
-                     out_specs=P(AXIS))
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes)),
+                     out_specs=P(axes))
   def compute(params, batch_stats, images, labels):
-    *_, grads = local_grads(graphdef, params, batch_stats, images, labels)
+    *_, grads = local_grads(graphdef, params, batch_stats, images, labels, axes)
     return jax.tree.map(lambda g: g[None], grads)
 
   local_tx = optim.make_compressor(cfg, axis_name=None)
   local_state = local_tx.init(state.params)
-  stacked = NamedSharding(mesh, P(AXIS))
+  stacked = NamedSharding(mesh, P(axes))
   local_state = jax.device_put(
       jax.tree.map(lambda x: jnp.broadcast_to(x[None], (n_dev,) + x.shape), local_state), stacked)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
-                     out_specs=(P(AXIS), P(AXIS)))
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(axes), P(axes), P()),
+                     out_specs=(P(axes), P(axes)))
   def selection(grads, cstate, params):
     grads = jax.tree.map(lambda g: g[0], grads)
     cstate = jax.tree.map(lambda x: x[0], cstate)
@@ -90,9 +91,9 @@ def time_breakdown(state: TrainState, cfg, batch, step_fn=None,
     return jax.tree.map(lambda u: u[None], updates), jax.tree.map(lambda x: x[None], cstate)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(AXIS), out_specs=P())
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(axes), out_specs=P())
   def dense_allreduce(grads):
-    return jax.tree.map(lambda g: jax.lax.pmean(g[0], AXIS), grads)
+    return jax.tree.map(lambda g: jax.lax.pmean(g[0], axes), grads)
 
   grads = compute(state.params, state.batch_stats, images, labels)
   before = optim.before_compressor(cfg)  # grads carry a device axis; params broadcast

@@ -26,7 +26,7 @@ from train import data as data_lib
 from train import models
 from train import optim
 from train.config import Config
-from train.mesh import AXIS, process_rows, shard_batch
+from train.mesh import AXIS, data_axes, process_rows, shard_batch
 
 
 @dataclasses.dataclass
@@ -47,14 +47,15 @@ class TrainState:
 def create_train_state(cfg: Config, image_shape, num_classes: int, mesh,
                        total_steps: int) -> TrainState:
   """Model, optimizer and their state, placed on `mesh` (compressor state per device)."""
+  axes = data_axes(mesh)  # "data", or ("hosts", "local") on a two-level mesh
   model = models.create_model(cfg.model, num_classes=num_classes, image_shape=image_shape,
-                              axis_name=AXIS, seed=cfg.seed)
+                              axis_name=axes, seed=cfg.seed)
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  tx = optim.make_optimizer(cfg, total_steps)
+  tx = optim.make_optimizer(cfg, total_steps, axes)
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(params, replicated)
   batch_stats = jax.device_put(batch_stats, replicated)
-  opt_state = hggjax.shard_state(tx.init(params), mesh, AXIS)
+  opt_state = hggjax.shard_state(tx.init(params), mesh, axes)
   return TrainState(0, params, batch_stats, opt_state, graphdef, tx, mesh)
 
 
@@ -68,10 +69,11 @@ def _forward(graphdef, params, batch_stats, images, train: bool):
   return logits, nnx.state(model, nnx.BatchStat)
 
 
-def local_grads(graphdef, params, batch_stats, images, labels):
+def local_grads(graphdef, params, batch_stats, images, labels, axis=AXIS):
   """(loss, logits, new BatchNorm statistics, gradients) of this device's rows.
 
-  Call it inside `shard_map` over "data"; the statistics are pmean'd over "data".
+  Call it inside `shard_map` over `axis` (`data_axes` of the mesh); the statistics are
+  pmean'd over it.
   """
   def loss_fn(p):
     logits, new_stats = _forward(graphdef, p, batch_stats, images, train=True)
@@ -80,7 +82,7 @@ def local_grads(graphdef, params, batch_stats, images, labels):
 
   # Without the cast, grad of replicated params would be summed over devices by the
   # transpose of the implicit broadcast; the compressor must see per-device gradients.
-  local_params = jax.lax.pcast(params, AXIS, to="varying")
+  local_params = jax.lax.pcast(params, axis, to="varying")
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
   return loss, logits, new_stats, grads
 
@@ -90,7 +92,8 @@ def make_train_step(state: TrainState) -> Callable:
 
   params, batch_stats and opt_state are donated: the arrays passed in are deleted.
   """
-  specs = hggjax.state_specs(state.opt_state, AXIS)
+  axes = data_axes(state.mesh)
+  specs = hggjax.state_specs(state.opt_state, axes)
   graphdef, tx = state.graphdef, state.tx
 
   # The old params, BatchNorm statistics and optimizer state are dead after the step:
@@ -98,14 +101,15 @@ def make_train_step(state: TrainState) -> Callable:
   # (on CPU every fresh buffer of a large model is page-faulted in again each step).
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   @functools.partial(jax.shard_map, mesh=state.mesh,
-                     in_specs=(P(), P(), specs, P(AXIS), P(AXIS)),
+                     in_specs=(P(), P(), specs, P(axes), P(axes)),
                      out_specs=(P(), P(), specs, P()))
   def train_step(params, batch_stats, opt_state, images, labels):
-    loss, logits, new_stats, grads = local_grads(graphdef, params, batch_stats, images, labels)
+    loss, logits, new_stats, grads = local_grads(graphdef, params, batch_stats, images, labels,
+                                                 axes)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-    metrics = {"loss": jax.lax.pmean(loss, AXIS), "accuracy": jax.lax.pmean(accuracy, AXIS)}
+    metrics = {"loss": jax.lax.pmean(loss, axes), "accuracy": jax.lax.pmean(accuracy, axes)}
     return params, new_stats, opt_state, metrics
 
   return train_step
@@ -113,17 +117,17 @@ def make_train_step(state: TrainState) -> Callable:
 
 def make_eval_step(state: TrainState) -> Callable:
   """Sums of correct predictions, loss and weights over a padded, sharded test batch."""
-  graphdef = state.graphdef
+  graphdef, axes = state.graphdef, data_axes(state.mesh)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=state.mesh,
-                     in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P())
+                     in_specs=(P(), P(), P(axes), P(axes), P(axes)), out_specs=P())
   def eval_step(params, batch_stats, images, labels, weights):
     logits, _ = _forward(graphdef, params, batch_stats, images, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     sums = jnp.stack([jnp.sum(correct * weights), jnp.sum(loss * weights), jnp.sum(weights)])
-    return jax.lax.psum(sums, AXIS)
+    return jax.lax.psum(sums, axes)
 
   return eval_step
 
