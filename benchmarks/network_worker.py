@@ -121,15 +121,19 @@ def _run(args, spec) -> dict:
         in_specs=(P("data"), P("data")), out_specs=P()))
     mean_fn = jax.jit(smap(lambda v, i: exchange.sparse_mean(Payload(v[0], i[0]), n, "data")[0],
                            in_specs=(P("data"), P("data")), out_specs=P()))
-    # Its payload sorted by index, as the transform builds it for this scheme.
+    # Its payload in `regions.region_order` (by position mod P, then position), as the
+    # transform builds it for this scheme.
     sar_fn = jax.jit(smap(
         lambda v, i: exchange.sparse_mean(Payload(v[0], i[0]), n, "data", "sparse_allreduce")[0],
         in_specs=(P("data"), P("data")), out_specs=P()))
     gathered_v = np.concatenate([vals] * nproc)  # what densify sees: [P, 1, C] payloads
     gathered_i = np.concatenate([idx] * nproc)
     densify_fn = jax.jit(lambda v, i: exchange.densify_mean(v, i, n))
+    order = np.lexsort((idx // nproc, idx % nproc), axis=-1)
+    sar_payload = (local_rows(np.take_along_axis(vals, order, -1)),
+                   local_rows(np.take_along_axis(idx, order, -1)))
     sparse[d] = (c, gather_fn, mean_fn, densify_fn, (local_rows(vals), local_rows(idx)),
-                 (jnp.asarray(gathered_v), jnp.asarray(gathered_i)), sar_fn)
+                 (jnp.asarray(gathered_v), jnp.asarray(gathered_i)), sar_fn, sar_payload)
 
   # --- 2. train steps ------------------------------------------------------------------
   model = MODELS[args.model]
@@ -170,9 +174,9 @@ def _run(args, spec) -> dict:
   # Compile everything before the first phase (unshaped links compile-and-run fast).
   t_compile = time.perf_counter()
   jax.block_until_ready(dense_fn(dense_x))
-  for c, gather_fn, mean_fn, densify_fn, payload, gathered, sar_fn in sparse.values():
+  for c, gather_fn, mean_fn, densify_fn, payload, gathered, sar_fn, sar_payload in sparse.values():
     jax.block_until_ready((gather_fn(*payload), mean_fn(*payload), densify_fn(*gathered),
-                           sar_fn(*payload)))
+                           sar_fn(*sar_payload)))
   jax.block_until_ready(compute_fn(params, images, labels))
   for run in steps.values():
     run[1] = run[0](*run[1], images, labels)
@@ -187,11 +191,12 @@ def _run(args, spec) -> dict:
     dense_s, _ = timed(dense_fn, dense_x)
     row["exchange"]["dense"] = {"s": dense_s, "n": n,
                                 "bytes_per_process": 2 * (nproc - 1) / nproc * 4 * n}
-    for d, (c, gather_fn, mean_fn, densify_fn, payload, gathered, sar_fn) in sparse.items():
+    for d, (c, gather_fn, mean_fn, densify_fn, payload, gathered, sar_fn,
+            sar_payload) in sparse.items():
       gather_s, _ = timed(gather_fn, *payload)
       mean_s, _ = timed(mean_fn, *payload)
       densify_s, _ = timed(densify_fn, *gathered)
-      sar_s, _ = timed(sar_fn, *payload)
+      sar_s, _ = timed(sar_fn, *sar_payload)
       row["exchange"][f"sparse@{d:g}"] = {
           "all_gather_s": gather_s, "sparse_mean_s": mean_s, "densify_s": densify_s,
           "capacity": c, "bytes_per_process": (nproc - 1) * c * 8,
