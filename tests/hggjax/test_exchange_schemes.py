@@ -302,3 +302,17 @@ def test_sparse_allreduce_under_pmap_equals_shard_map():
       np.testing.assert_array_equal(np.asarray(pout[name]), np.asarray(out[name]))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a)[:, 0], np.asarray(b)),
                  pstate.residual, state.residual)
+
+
+def test_traffic_meets_the_scaling_targets_at_one_percent():
+  """n = 25M float32, d = 1%: <= 3k slots received at P = 8 (allgather 7k), >= 5x and
+  >= 50x fewer bytes than allgather at P = 64 and 1024, below a dense ring at every P."""
+  n = 25_000_000
+  k = n // 100
+  received = lambda scheme, p: exchange.traffic(scheme, p, 1, k, 4)[1]  # noqa: E731
+  assert received("sparse_allreduce", 8) <= 3 * k * 8 < received("allgather", 8) == 7 * k * 8
+  assert received("allgather", 64) >= 5 * received("sparse_allreduce", 64)
+  assert received("allgather", 1024) >= 50 * received("sparse_allreduce", 1024)
+  for p in (2 ** i for i in range(1, 11)):
+    dense_ring = exchange.dense_traffic(p, 4 * n)[1]
+    assert received("sparse_allreduce", p) < dense_ring
