@@ -21,11 +21,14 @@ jax.distributed with gloo; process i pinned to core i mod cpus unless `--no-pin`
 each computes on its own core as it would on its own host, with tcmalloc preloaded when
 it is installed (`--malloc`) and huge pages via the launcher's GLIBC_TUNABLES) compile everything on unshaped links, then for each rate ask
 for the shaping and measure: the raw exchange (dense pmean vs the packed all_gather,
-`sparse_mean` and the densify alone) and full train steps of a 25M-parameter model per
+`sparse_mean` and the densify alone; `sparse_mean` with the sparse_allreduce scheme) and
+full train steps of a 25M-parameter model per
 compressor (`--model`: `mlp`, a wide MLP, or `bag`, an embedding table whose compute
 is nearly free; `benchmarks/models.py`). "ideal" is bytes per process / link rate: for
 the dense mean a ring all-reduce's 2 (P-1)/P * 4n bytes, for the all_gather
-(P-1) * C * 8 bytes.
+(P-1) * C * 8 bytes, for sparse_allreduce what `hggjax.exchange.traffic` counts
+(about 3 (P-1)/P * C * 8 bytes); its "x ag" compares its sparse_mean with the
+all_gather's sparse_mean (gather + densify), the same result.
 
 Prints a table and writes JSON (`--out`).
 """
@@ -258,6 +261,12 @@ def summarize(results: list[dict]) -> list[dict]:
                    "ideal_ms": _ms(ideal(s["bytes_per_process"])),
                    "sparse_mean_ms": 1e3 * s["sparse_mean_s"], "densify_ms": 1e3 * s["densify_s"],
                    "vs_dense": dense["s"] / s["all_gather_s"]})
+      if "sparse_allreduce_s" in s:
+        rows.append({"processes": nproc, "rate": phase["phase"], "what": "exchange",
+                     "method": f"sparse_ar {key[7:]}", "ms": 1e3 * s["sparse_allreduce_s"],
+                     "ideal_ms": _ms(ideal(s["sparse_allreduce_bytes_per_process"])),
+                     "vs_dense": dense["s"] / s["sparse_allreduce_s"],
+                     "vs_all_gather_mean": s["sparse_mean_s"] / s["sparse_allreduce_s"]})
     tr = phase["train"]
     base = tr.get("none", {}).get("step_s")
     for name, s in tr.items():
@@ -284,6 +293,9 @@ def print_table(rows: list[dict]) -> None:
     notes = ""
     if "densify_ms" in r:
       notes = f"sparse_mean {r['sparse_mean_ms']:.1f} ms, densify {r['densify_ms']:.1f} ms"
+    if "vs_all_gather_mean" in r:
+      notes = (f"{r['vs_all_gather_mean']:.2f}x the all_gather's sparse_mean "
+               "(gather + densify, the same result)")
     if "compute_ms" in r:
       notes = f"compute {r['compute_ms']:.1f} ms, sends {r['sent_mb']:.2f} MB"
     print(f"{r['processes']:>2} {r['rate']:>9} {r['what']:<10} {r['method']:<16} "
@@ -303,8 +315,11 @@ def _args(argv=None):
                  help=f"link rates in tc syntax, or {UNSHAPED} (default: 1gbit,100mbit)")
   p.add_argument("--n", type=int, default=25_000_000, help="raw exchange size (elements)")
   p.add_argument("--densities", default="0.01,0.05", help="raw exchange densities")
-  p.add_argument("--compressors", default="none,hggtopk,hggtopk+pipeline,topk,gaussian,randomk",
-                 help='train-step compressors; "hggtopk+pipeline" is hggtopk(pipeline=True)')
+  p.add_argument("--compressors",
+                 default="none,hggtopk,hggtopk+pipeline,hggtopk+exchange=sparse_allreduce,topk,"
+                         "gaussian,randomk",
+                 help='train-step compressors; "hggtopk+pipeline" is hggtopk(pipeline=True), '
+                      '"hggtopk+exchange=sparse_allreduce" sets that option')
   p.add_argument("--train-density", type=float, default=0.01)
   p.add_argument("--model", choices=sorted(MODELS), default="mlp",
                  help="train-step model: mlp (wide MLP) or bag (embedding table)")

@@ -9,7 +9,9 @@ and every process measures, in this order:
 
 1. raw exchange of n float32 elements: the dense `pmean` vs hggjax's sparse exchange at
    each density: the packed all_gather alone, and `sparse_mean` (gather + densify);
-   the densify alone is timed locally on the gathered payload;
+   the densify alone is timed locally on the gathered payload; and `sparse_mean` with
+   ``scheme="sparse_allreduce"`` (all_to_all by index region, the owners' choice,
+   all_gather, densify: `hggjax.exchange`);
 2. full train steps of a 25M-parameter model with cheap compute (`--model`, see
    `benchmarks/models.py`) for each compressor, plus its compute alone (forward +
    backward, no exchange).
@@ -38,7 +40,8 @@ def _args(argv=None):
   p.add_argument("--n", type=int, default=25_000_000)
   p.add_argument("--densities", default="0.01,0.05")
   p.add_argument("--compressors", default="none,hggtopk,topk,gaussian,randomk",
-                 help='comma-separated names; "hggtopk+pipeline" is hggtopk(pipeline=True)')
+                 help='comma-separated names; "hggtopk+pipeline" is hggtopk(pipeline=True), '
+                      '"hggtopk+exchange=sparse_allreduce" sets that option')
   p.add_argument("--train-density", type=float, default=0.01)
   p.add_argument("--model", default="mlp", help="a name in benchmarks.models.MODELS")
   p.add_argument("--reps", type=int, default=3)
@@ -116,13 +119,21 @@ def _run(args, spec) -> dict:
     gather_fn = jax.jit(smap(
         lambda v, i: jax.lax.all_gather(pack(v[0], i[0]), "data", to="invarying"),
         in_specs=(P("data"), P("data")), out_specs=P()))
-    mean_fn = jax.jit(smap(lambda v, i: exchange.sparse_mean(Payload(v[0], i[0]), n, "data"),
+    mean_fn = jax.jit(smap(lambda v, i: exchange.sparse_mean(Payload(v[0], i[0]), n, "data")[0],
                            in_specs=(P("data"), P("data")), out_specs=P()))
+    # Its payload in `regions.region_order` (by position mod P, then position), as the
+    # transform builds it for this scheme.
+    sar_fn = jax.jit(smap(
+        lambda v, i: exchange.sparse_mean(Payload(v[0], i[0]), n, "data", "sparse_allreduce")[0],
+        in_specs=(P("data"), P("data")), out_specs=P()))
     gathered_v = np.concatenate([vals] * nproc)  # what densify sees: [P, 1, C] payloads
     gathered_i = np.concatenate([idx] * nproc)
     densify_fn = jax.jit(lambda v, i: exchange.densify_mean(v, i, n))
+    order = np.lexsort((idx // nproc, idx % nproc), axis=-1)
+    sar_payload = (local_rows(np.take_along_axis(vals, order, -1)),
+                   local_rows(np.take_along_axis(idx, order, -1)))
     sparse[d] = (c, gather_fn, mean_fn, densify_fn, (local_rows(vals), local_rows(idx)),
-                 (jnp.asarray(gathered_v), jnp.asarray(gathered_i)))
+                 (jnp.asarray(gathered_v), jnp.asarray(gathered_i)), sar_fn, sar_payload)
 
   # --- 2. train steps ------------------------------------------------------------------
   model = MODELS[args.model]
@@ -140,8 +151,10 @@ def _run(args, spec) -> dict:
 
   steps = {}
   for name in args.compressors.split(","):
-    base, _, option = name.partition("+")  # "hggtopk+pipeline": hggtopk(pipeline=True)
-    extra = {option: True} if option else {}
+    # "hggtopk+pipeline": hggtopk(pipeline=True); "hggtopk+exchange=sparse_allreduce".
+    base, _, option = name.partition("+")
+    key, _, value = option.partition("=")
+    extra = {key: value or True} if option else {}
     tx = optax.chain(hggjax.get_compressor(base, density=args.train_density, axis_name="data",
                                            **extra), optax.sgd(1e-3))
     state = hggjax.shard_state(tx.init(params), mesh, "data")
@@ -161,8 +174,9 @@ def _run(args, spec) -> dict:
   # Compile everything before the first phase (unshaped links compile-and-run fast).
   t_compile = time.perf_counter()
   jax.block_until_ready(dense_fn(dense_x))
-  for c, gather_fn, mean_fn, densify_fn, payload, gathered in sparse.values():
-    jax.block_until_ready((gather_fn(*payload), mean_fn(*payload), densify_fn(*gathered)))
+  for c, gather_fn, mean_fn, densify_fn, payload, gathered, sar_fn, sar_payload in sparse.values():
+    jax.block_until_ready((gather_fn(*payload), mean_fn(*payload), densify_fn(*gathered),
+                           sar_fn(*sar_payload)))
   jax.block_until_ready(compute_fn(params, images, labels))
   for run in steps.values():
     run[1] = run[0](*run[1], images, labels)
@@ -177,13 +191,18 @@ def _run(args, spec) -> dict:
     dense_s, _ = timed(dense_fn, dense_x)
     row["exchange"]["dense"] = {"s": dense_s, "n": n,
                                 "bytes_per_process": 2 * (nproc - 1) / nproc * 4 * n}
-    for d, (c, gather_fn, mean_fn, densify_fn, payload, gathered) in sparse.items():
+    for d, (c, gather_fn, mean_fn, densify_fn, payload, gathered, sar_fn,
+            sar_payload) in sparse.items():
       gather_s, _ = timed(gather_fn, *payload)
       mean_s, _ = timed(mean_fn, *payload)
       densify_s, _ = timed(densify_fn, *gathered)
+      sar_s, _ = timed(sar_fn, *sar_payload)
       row["exchange"][f"sparse@{d:g}"] = {
           "all_gather_s": gather_s, "sparse_mean_s": mean_s, "densify_s": densify_s,
-          "capacity": c, "bytes_per_process": (nproc - 1) * c * 8}
+          "capacity": c, "bytes_per_process": (nproc - 1) * c * 8,
+          "sparse_allreduce_s": sar_s,
+          "sparse_allreduce_bytes_per_process": exchange.traffic(
+              "sparse_allreduce", nproc, 1, c, 4)[1]}
     compute_s, _ = timed(compute_fn, params, images, labels)
     row["train"]["compute_only_s"] = compute_s
     for name, run in steps.items():

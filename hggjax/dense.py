@@ -12,15 +12,17 @@ import optax
 from hggjax import error_feedback as ef
 from hggjax import exchange
 from hggjax.state import CompressionState, empty_stats, with_device_axis, without_device_axis
-from hggjax.transform import device_of, prng_key, to_dtype
+from hggjax.transform import device_of, fast_mean, prng_key, to_dtype
 
 
-def dense_mean(*, axis_name: str | None = None, momentum: float = 0.0,
+def dense_mean(*, axis_name: str | tuple[str, str] | None = None, momentum: float = 0.0,
                key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
   """Every floating leaf's mean over `axis_name` (identity without one).
 
   Args:
-    axis_name: mapped axis to average over; None leaves gradients as they are.
+    axis_name: mapped axis to average over; None leaves gradients as they are. A
+      (slow, fast) pair averages over the fast axis, then over the slow one, as the
+      compressors do with it (the state then has one entry per slow-axis position).
     momentum: momentum correction, as in `hggjax.sparsify`: each device keeps
       u = momentum * u + g and the mean of u is sent.
     key: kept in the state like every compressor's (nothing here is random).
@@ -46,17 +48,22 @@ def dense_mean(*, axis_name: str | None = None, momentum: float = 0.0,
     state = without_device_axis(state, axis_name)
     leaves, treedef = jax.tree.flatten(updates)
     dense = floating(leaves)
-    # A gradient holding NaN or Inf adds nothing this step and changes no state.
+    slow, _ = exchange.split_axes(axis_name)
+    # A gradient holding NaN or Inf (with two levels: a host's mean over the fast
+    # axis) adds nothing this step and changes no state.
+    leaves = fast_mean(leaves, axis_name)
     ok = ef.all_finite(leaves)
     grads, velocity = ef.momentum_step(leaves, state.velocity, dense, momentum, ok)
     out = list(leaves)
     for i in dense:
       out[i] = exchange.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype),
-                                   axis_name)
-    sent = jnp.asarray(sum(leaves[i].size * leaves[i].dtype.itemsize for i in dense),
-                       jnp.float32)
-    stats = state.stats._replace(sent_bytes=sent, dense_bytes=sent,
-                                 nonfinite=(~ok).astype(jnp.int32))
+                                   slow)
+    nbytes = sum(leaves[i].size * leaves[i].dtype.itemsize for i in dense)
+    sent, received = exchange.dense_traffic(exchange.axis_size(slow), nbytes)
+    stats = state.stats._replace(
+        sent_bytes=jnp.asarray(sent, jnp.float32),
+        received_bytes=jnp.asarray(received, jnp.float32),
+        dense_bytes=jnp.asarray(nbytes, jnp.float32), nonfinite=(~ok).astype(jnp.int32))
     new_state = state._replace(count=state.count + ok.astype(jnp.int32), velocity=velocity,
                                stats=stats)
     return jax.tree.unflatten(treedef, out), with_device_axis(new_state, axis_name)

@@ -8,9 +8,20 @@ that keyword set; `ERROR_FEEDBACK` is derived from the constructors' defaults.
 
 Options shared by every constructor (`Options`):
   axis_name: None (default) compresses and decompresses locally. A mapped axis
-    name ("data") exchanges the sparse payloads with ``all_gather`` over it and
-    returns their mean, identical on every device. Call the update inside
-    ``jax.shard_map`` or ``jax.pmap`` over that axis; see `hggjax.shard_state`.
+    name ("data") exchanges the sparse payloads over it and returns their mean,
+    identical on every device. Call the update inside ``jax.shard_map`` or
+    ``jax.pmap`` over that axis; see `hggjax.shard_state`. A pair of mesh axes
+    (slow, fast), e.g. ("hosts", "local"), is a two-level exchange (under
+    ``shard_map``): a dense mean over the fast axis (inside a host), then
+    compression and the sparse exchange over the slow axis only; the devices of a
+    host select alike and share one residual (docs/exchange.md).
+  exchange: how the sparse payloads travel (docs/exchange.md). "allgather"
+    (default): every device gathers every device's k slots, (P - 1) k slots
+    received per device. "sparse_allreduce": Ok-Topk's sparse reduce-scatter
+    (``all_to_all`` by index region) + ``all_gather`` of each region's kept
+    largest means, about 3k (P - 1) / P slots received per device; slots that
+    overflow their region's bucket or that the region does not keep stay in the
+    sender's residual. Without an axis it makes no difference.
   scope: "leaf" (default) selects k = max(1, round(density * n)) elements
     within every leaf, as HGG-TopK does per layer, and it keeps every layer
     learning: one global threshold starves layers whose gradients are small in
@@ -57,7 +68,8 @@ MAX_BINS = 1 << 20
 
 
 class Options(TypedDict, total=False):
-  axis_name: str | None
+  axis_name: str | tuple[str, str] | None
+  exchange: str
   scope: str
   min_size: int
   key: jax.Array | int
@@ -77,6 +89,7 @@ def _options(options: Options) -> dict:
         f"{sorted(Options.__annotations__)}.")
   return dict(
       axis_name=validate.axis_name(options.get("axis_name")),
+      exchange=validate.exchange(options.get("exchange", "allgather")),
       scope=validate.scope(options.get("scope", "leaf")),
       min_size=validate.int_at_least("min_size", options.get("min_size", 0), 0),
       key=validate.key(options.get("key", 0)),
@@ -98,7 +111,7 @@ def none(density: float | None = None, **options: Unpack[Options]) -> optax.Grad
 
   Args:
     density: accepted so that every name takes the same arguments; unused.
-    **options: see `Options`; `scope` and `min_size` do not apply.
+    **options: see `Options`; `scope`, `min_size` and `exchange` do not apply.
   """
   if density is not None:
     validate.density(density)

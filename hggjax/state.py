@@ -3,8 +3,11 @@
 With ``axis_name`` set, every field carries a leading device axis: length 1 as
 the update sees it (one device's slice), length P once `hggjax.shard_state` has
 placed it on a mesh (sharded ``P(axis_name)``) or once it is stacked for
-``pmap``. G below is the number of selection groups: one per compressed leaf
-(``scope="leaf"``), or 1 (``scope="global"``); 0 for ``none``.
+``pmap``. With a two-level ``axis_name=(slow, fast)`` the axis has one entry per
+slow-axis position (per host), sharded ``P(slow)`` and replicated over the fast
+axis: the devices of one host keep one residual. G below is the number of selection
+groups: one per compressed leaf (``scope="leaf"``), or 1 (``scope="global"``); 0 for
+``none``.
 """
 
 from typing import Any, NamedTuple
@@ -21,8 +24,14 @@ class CompressionStats(NamedTuple):
   threshold: jax.Array    # float32[G]: smallest magnitude sent, per group
   history_hit: jax.Array  # bool[G]: HGG-TopK selected from what the previous step left
                           # (its threshold accepted; pipelined: one pass, paths 0-1)
-  sent_bytes: jax.Array   # float32[]: bytes this device put on the wire
-                          # (values + int32 indices of every slot, plus dense leaves)
+  sent_bytes: jax.Array   # float32[]: bytes of this device's own data put on the wire,
+                          # each byte once (`exchange.traffic`: packed values + int32
+                          # indices of every slot; plus dense leaves, once each)
+  received_bytes: jax.Array  # float32[]: bytes of other devices' data arriving here
+                          # (`exchange.traffic`; dense leaves as a ring all-reduce's
+                          # 2 (P - 1) / P of their size); 0 without an axis. Two
+                          # levels: the slow axis only (the fast dense mean is not
+                          # counted)
   dense_bytes: jax.Array  # float32[]: bytes of a dense exchange of the same gradients
   nonfinite: jax.Array    # int32[]: 1 when this device's gradient held NaN or Inf and
                           # the step was skipped (nothing sent, no other state changed)
@@ -51,7 +60,8 @@ def empty_stats(num_groups: int, k: int) -> CompressionStats:
       selected=jnp.zeros((), jnp.int32), passed=jnp.zeros((), jnp.int32),
       k=jnp.asarray(k, jnp.int32), threshold=jnp.zeros((num_groups,), jnp.float32),
       history_hit=jnp.zeros((num_groups,), bool), sent_bytes=jnp.zeros((), jnp.float32),
-      dense_bytes=jnp.zeros((), jnp.float32), nonfinite=jnp.zeros((), jnp.int32))
+      received_bytes=jnp.zeros((), jnp.float32), dense_bytes=jnp.zeros((), jnp.float32),
+      nonfinite=jnp.zeros((), jnp.int32))
 
 
 def with_device_axis(state: CompressionState, axis_name: str | None) -> CompressionState:

@@ -5,9 +5,15 @@ selector. The update runs, per bucket of equally sized selection groups:
 
   Step 1  accumulate: acc = (velocity or g) + residual  (`error_feedback.accumulate`)
   Step 2  select k positions per group                   (the selector)
-  Step 3  exchange: read the values in the wire dtype, all_gather, mean (`exchange`)
+  Step 3  exchange: read the values in the wire dtype, exchange, mean (`exchange`)
   Step 4  keep the residual: residual' = acc - sent      (`error_feedback.keep`)
   Step 5  record statistics                              (`state.CompressionStats`)
+
+"sent" is what of this device's payload reached the mean (the exchange's delivered
+slots): the whole payload with ``exchange="allgather"``; with "sparse_allreduce"
+the slots that fit their region's bucket and that the region's owner kept. With a
+two-level ``axis_name=(slow, fast)`` a Step 0 first takes the dense mean over the
+fast axis, and everything after it runs over the slow axis only.
 """
 
 from collections.abc import Sequence
@@ -21,7 +27,8 @@ import numpy as np
 import optax
 
 from hggjax import error_feedback as ef
-from hggjax import exchange
+from hggjax import exchange as exchange_lib
+from hggjax import regions
 from hggjax.kernels.bits import MIN_FAST_N
 from hggjax.payload import Payload, Selection
 from hggjax.selectors.base import Selector
@@ -79,15 +86,29 @@ def prng_key(key) -> jax.Array:
   return jnp.asarray(key)
 
 
-def device_of(axis_name: str | None, device_index) -> jax.Array | None:
-  """The index of this device: the axis index under an axis, else the caller's (or None)."""
+def device_of(axis_name, device_index) -> jax.Array | None:
+  """The index of this device: the axis index under an axis (the slow one of a
+  two-level pair: the devices of one host act as one), else the caller's (or None)."""
   if axis_name is None:
     return device_index
   if device_index is not None:
     raise ValueError(
         "device_index is for axis_name=None only: under an axis the device "
         "index is the axis index.")
-  return exchange.device_index(axis_name)
+  slow, fast = exchange_lib.split_axes(axis_name)
+  if fast is not None:
+    exchange_lib.device_index(fast)  # unbound: the same error as for the slow axis
+  return exchange_lib.device_index(slow)
+
+
+def fast_mean(leaves, axis_name) -> list[Any]:
+  """Step 0 of a two-level exchange: each floating leaf's dense mean over the fast axis
+  (the devices of one host), in its own dtype; `leaves` as they are otherwise."""
+  _, fast = exchange_lib.split_axes(axis_name)
+  if fast is None:
+    return list(leaves)
+  return [exchange_lib.dense_mean(x, fast) if jnp.issubdtype(x.dtype, jnp.floating) else x
+          for x in leaves]
 
 
 def select_rows(selector: Selector, x: jax.Array, k: int, carry: Any, ids: jax.Array,
@@ -148,26 +169,30 @@ def _write_back(out, residual, mean, rest, kept, groups, leaves, axis_name) -> N
       offset += size
 
 
-def _begin_stats(old: CompressionStats, plan: "_Plan", leaves, ok) -> CompressionStats:
-  """Step 5's starting point: the per-step counts zero, the bytes of the dense leaves."""
+def _begin_stats(old: CompressionStats, plan: "_Plan", leaves, ok, p: int) -> CompressionStats:
+  """Step 5's starting point: the per-step counts zero, the bytes of the dense leaves
+  (their mean over `p` devices, `exchange.dense_traffic`)."""
   dense = sum(leaves[i].size * leaves[i].dtype.itemsize for i in plan.dense)
   every = sum(leaves[i].size * leaves[i].dtype.itemsize for i in plan.sparse + plan.dense)
+  sent, received = exchange_lib.dense_traffic(p, dense)
   zero = jnp.zeros((), jnp.int32)
   return old._replace(
       selected=zero, passed=zero, k=jnp.asarray(sum(plan.ks), jnp.int32),
-      sent_bytes=jnp.asarray(dense, jnp.float32), dense_bytes=jnp.asarray(every, jnp.float32),
-      nonfinite=(~ok).astype(jnp.int32))
+      sent_bytes=jnp.asarray(sent, jnp.float32), received_bytes=jnp.asarray(received, jnp.float32),
+      dense_bytes=jnp.asarray(every, jnp.float32), nonfinite=(~ok).astype(jnp.int32))
 
 
-def _record(stats: CompressionStats, ids, sel: Selection, payload: Payload, ok, n, k,
-            wire) -> CompressionStats:
-  """Step 5: one bucket's counts added to `stats` (k-sized reads only)."""
+def _record(stats: CompressionStats, ids, sel: Selection, delivered: Payload, ok, n,
+            traffic: tuple[int, int]) -> CompressionStats:
+  """Step 5: one bucket's counts added to `stats` (k-sized reads only); `traffic` is
+  the bucket's (sent, received) bytes (`exchange.traffic`)."""
   return stats._replace(
       threshold=stats.threshold.at[ids].set(jnp.where(ok, sel.threshold, 0.0)),
       history_hit=stats.history_hit.at[ids].set(ok & sel.history_hit),
-      selected=stats.selected + jnp.sum(payload.indices < n, dtype=jnp.int32),
+      selected=stats.selected + jnp.sum(delivered.indices < n, dtype=jnp.int32),
       passed=stats.passed + jnp.where(ok, jnp.sum(sel.passed, dtype=jnp.int32), 0),
-      sent_bytes=stats.sent_bytes + ids.shape[0] * k * (wire.itemsize + 4))
+      sent_bytes=stats.sent_bytes + traffic[0],
+      received_bytes=stats.received_bytes + traffic[1])
 
 
 def _check_layout(leaves, paths, plan: "_Plan", state: CompressionState) -> None:
@@ -235,7 +260,8 @@ def sparsify(
     density: float,
     *,
     error_feedback: bool,
-    axis_name: str | None = None,
+    axis_name: str | tuple[str, str] | None = None,
+    exchange: str = "allgather",
     scope: Scope = "leaf",
     min_size: int = 0,
     key: jax.Array | int = 0,
@@ -251,7 +277,11 @@ def sparsify(
     density: share of elements sent per group, k = max(1, round(density * n)).
     error_feedback: keep what was not sent and add it to the next gradient.
     axis_name: mapped axis to exchange over; None compresses and decompresses
-      locally.
+      locally. A pair (slow, fast), e.g. ("hosts", "local"), takes the dense mean
+      over the fast axis first and compresses and exchanges over the slow axis only;
+      the devices of one slow-axis position then select alike and keep equal
+      residuals (one per host, replicated on its devices).
+    exchange: "allgather" or "sparse_allreduce" (`hggjax.exchange`).
     scope: "leaf" selects within each leaf, "global" over all compressed leaves
       concatenated.
     min_size: leaves with fewer elements are sent dense (averaged, no residual).
@@ -298,18 +328,23 @@ def sparsify(
     _check_layout(leaves, paths, plan, state)
     key, next_key = jax.random.split(state.rng_key)
     device = device_of(axis_name, device_index)
+    slow, _ = exchange_lib.split_axes(axis_name)
+    p = exchange_lib.axis_size(slow)
+    scheme = exchange if slow is not None else "allgather"  # nothing to exchange without
     if device is not None:  # random selections differ per device
       key = jax.random.fold_in(key, device)
 
-    # Step 0: a gradient holding NaN or Inf adds nothing this step and changes no state.
+    # Step 0: two-level: the dense mean over the fast axis. A gradient holding NaN or
+    # Inf (with two levels: a host's mean) adds nothing this step and changes no state.
+    leaves = fast_mean(leaves, axis_name)
     ok = ef.all_finite(leaves)
     grads, velocity = ef.momentum_step(
         leaves, state.velocity, plan.sparse + plan.dense, momentum, ok)
     out = list(leaves)  # non-floating leaves pass through untouched
     for i in plan.dense:
-      out[i] = exchange.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype), axis_name)
+      out[i] = exchange_lib.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype), slow)
     residual = list(stored) if error_feedback else None
-    carry, stats = state.carry, _begin_stats(state.stats, plan, leaves, ok)
+    carry, stats = state.carry, _begin_stats(state.stats, plan, leaves, ok, p)
     for bucket in plan.buckets:
       n, k, wire = plan.sizes[bucket[0]], plan.ks[bucket[0]], plan.wires[bucket[0]]
       groups = [plan.groups[g] for g in bucket]
@@ -321,14 +356,19 @@ def sparsify(
       # Step 2: k positions per row.
       keys = jnp.stack([jax.random.fold_in(key, g) for g in bucket])
       sel, carry = select_rows(selector, x, k, carry, ids, keys, ok)
-      # Step 3: the payload, exchanged: the mean of every device's.
+      # Step 3: the payload, exchanged: the mean of every device's, and what of this
+      # device's reached it.
       payload = make_payload(x, sel.indices, ok, wire, groups, leaves)
-      mean = exchange.sparse_mean(payload, n, axis_name)
+      if scheme == "sparse_allreduce":  # its buckets are runs of the payload: sort first
+        order = regions.region_order(payload.indices, n, p)
+        payload = make_payload(x, order, ok, wire, groups, leaves)
+      mean, sent = exchange_lib.sparse_mean(payload, n, slow, scheme)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.
-      rest = ef.keep(x, kept, payload.indices, payload.values, sel.threshold) if error_feedback else None
+      rest = ef.keep(x, kept, sent.indices, sent.values, sel.threshold) if error_feedback else None
       _write_back(out, residual, mean, rest, kept, groups, leaves, axis_name)
       # Step 5: statistics.
-      stats = _record(stats, ids, sel, payload, ok, n, k, wire)
+      traffic = exchange_lib.traffic(scheme, p, len(bucket), k, jnp.dtype(wire).itemsize)
+      stats = _record(stats, ids, sel, sent, ok, n, traffic)
 
     new_state = with_device_axis(CompressionState(
         count=state.count + ok.astype(jnp.int32), rng_key=_keep_unless(ok, next_key, state.rng_key),

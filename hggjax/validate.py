@@ -5,6 +5,8 @@ import numbers
 
 import jax
 
+from hggjax.exchange import SCHEMES
+
 _SCOPES = ("leaf", "global")
 
 
@@ -57,10 +59,29 @@ def scope(value) -> str:
 
 
 def axis_name(value):
+  """None, a name, or a (slow, fast) pair of two distinct names (returned as a tuple)."""
+  if isinstance(value, (tuple, list)):
+    if (len(value) != 2 or not all(isinstance(v, str) and v for v in value)
+        or value[0] == value[1]):
+      raise ValueError(
+          f"a two-level axis_name must be two distinct non-empty axis names, "
+          f"(slow, fast), e.g. ('hosts', 'local'): the dense mean runs over the "
+          f"fast one, the compressed exchange over the slow one; got {value!r}.")
+    return tuple(value)
   if value is not None and (not isinstance(value, str) or not value):
     raise ValueError(
-        f"axis_name must be None (no exchange) or the name of the mapped axis "
-        f"as a non-empty string, e.g. 'data', got {value!r}.")
+        f"axis_name must be None (no exchange), the name of the mapped axis "
+        f"as a non-empty string, e.g. 'data', or a (slow, fast) pair of names, "
+        f"e.g. ('hosts', 'local'), got {value!r}.")
+  return value
+
+
+def exchange(value) -> str:
+  if value not in SCHEMES:
+    raise ValueError(
+        f"exchange must be one of {SCHEMES} ('allgather' gathers every device's "
+        f"slots; 'sparse_allreduce' sends each index region to one owner and gathers "
+        f"the owners' choices, fewer bytes for many devices), got {value!r}.")
   return value
 
 

@@ -26,7 +26,7 @@ from train.config import (CPU_DEFAULT_DEVICES, MODEL_NAMES, Config, load_config_
                           override, set_fields, validate)
 from train.errors import NonFiniteError, UsageError
 from train.lm.config import LMConfig, validate_lm
-from train.mesh import AXIS
+from train.mesh import config_axes
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -156,7 +156,7 @@ def check(cfg: Config) -> None:
   from train import optim  # pylint: disable=import-outside-toplevel
   program_for(cfg).validate(cfg)
   try:
-    optim.make_compressor(cfg, AXIS)
+    optim.make_compressor(cfg, config_axes(cfg.hosts))
   except (TypeError, ValueError) as err:
     raise UsageError(f"--compressor {cfg.compressor}: {err}") from None
 

@@ -61,6 +61,14 @@ class Config:
       True, "keep each device's momentum inside the compressor and compress it (DGC's "
       "momentum correction, hggjax's momentum option) instead of applying momentum to the "
       "exchanged mean")
+  exchange: str = _field(
+      "allgather", "how the compressed gradients travel: allgather (every device gathers "
+      "every device's k slots) or sparse_allreduce (index regions reduced by their owner "
+      "device, then gathered; fewer bytes for many devices; docs/exchange.md)")
+  hosts: int | None = _field(
+      None, "two-level mesh: split the devices into this many hosts, a 2-D mesh (hosts, "
+      "devices / hosts) with axes (hosts, local); gradients are averaged dense over local, "
+      "compressed and exchanged over hosts (default: a 1-D mesh over all devices)")
   use_pipeline: bool = _field(
       False, "hggtopk only: select each leaf in one pass from the previous step's "
       "threshold, with one exchange per leaf (docs/pipeline.md); other compressors exit "
@@ -204,6 +212,8 @@ def validate(cfg: Config, compressor_names, model_names, dataset_names) -> None:
     raise UsageError(f"--steps must be >= 1, got {cfg.steps}")
   if cfg.devices is not None and cfg.devices < 1:
     raise UsageError(f"--devices must be >= 1, got {cfg.devices}")
+  if cfg.hosts is not None and cfg.hosts < 1:
+    raise UsageError(f"--hosts must be >= 1, got {cfg.hosts}")
   if cfg.min_size < 0:
     raise UsageError(f"--min-size must be >= 0, got {cfg.min_size}")
   if cfg.lr <= 0:
@@ -222,6 +232,8 @@ def validate(cfg: Config, compressor_names, model_names, dataset_names) -> None:
 
 
 def check_divisible(cfg: Config, n_devices: int) -> None:
+  if cfg.hosts is not None and n_devices % cfg.hosts:
+    raise UsageError(f"--hosts {cfg.hosts} does not divide the device count {n_devices}")
   if cfg.batch_size % n_devices:
     raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the device count "
                      f"{n_devices}")

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from train import optim
 from train.config import Config
-from train.mesh import AXIS, host_value
+from train.mesh import data_axes, host_value
 from train.steps import TrainState, compressor_input
 
 
@@ -45,18 +45,23 @@ def make_threshold_probe(state: TrainState, leaf_index: int, cfg: Config) -> Cal
   """
   density = cfg.density
   momentum = optim.compressor_momentum(cfg)
-  specs = hggjax.state_specs(state.opt_state, AXIS)
+  axes = data_axes(state.mesh)
+  # Two-level: the compressor selects from a host's mean over "local" (one per host).
+  slow, fast = axes if isinstance(axes, tuple) else (axes, None)
+  specs = hggjax.state_specs(state.opt_state, axes)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=state.mesh,
-                     in_specs=(P(), P(), specs, P(), P(AXIS)), out_specs=P())
+                     in_specs=(P(), P(), specs, P(), P(axes)), out_specs=P())
   def probe(params, batch_stats, opt_state, step, batch):
     updates = compressor_input(state, params, batch_stats, opt_state, batch, step)
+    if fast is not None:
+      updates = jax.lax.pmean(updates, fast)
     acc = hggjax.accumulated(updates, opt_state, momentum=momentum)
     acc = jax.tree.leaves(acc)[leaf_index].reshape(-1)
     k = max(1, round(density * acc.size))
     # float32[P], replicated: readable on every process of a multi-process run.
-    return jax.lax.all_gather(jnp.min(jax.lax.top_k(jnp.abs(acc), k)[0]), AXIS, to="invarying")
+    return jax.lax.all_gather(jnp.min(jax.lax.top_k(jnp.abs(acc), k)[0]), slow, to="invarying")
 
   return probe
 

@@ -18,7 +18,7 @@ from train import models
 from train import optim
 from train.config import Config
 from train.errors import UsageError
-from train.mesh import AXIS
+from train.mesh import config_axes
 from train.task import Optimizer, Task
 
 
@@ -47,7 +47,8 @@ class ImageTask(Task):
 
   def create_model(self):
     return models.create_model(self.cfg.model, num_classes=self.num_classes,
-                               image_shape=self.image_shape, axis_name=AXIS, seed=self.cfg.seed)
+                               image_shape=self.image_shape, axis_name=config_axes(self.cfg.hosts),
+                               seed=self.cfg.seed)
 
   def make_optimizer(self, total_steps: int, axis_name: str | None) -> Optimizer:
     return optim.optimizer_parts(self.cfg, total_steps, axis_name)

@@ -118,7 +118,7 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
 def _start(run: _Run, argv, resume: bool, changed: dict) -> steps.TrainState:
   """The initial (or restored) state; writes the run's argv.json and config.json."""
   cfg, log = run.cfg, run.log
-  mesh = mesh_lib.make_mesh(run.n_dev)
+  mesh = mesh_lib.make_mesh(run.n_dev, cfg.hosts)
   state = steps.init_state(run.task, mesh, run.total)
   if cfg.checkpoint:
     run.mngr = checkpoint.manager(run.checkpoint_dir, cfg.keep_checkpoints)

@@ -27,8 +27,9 @@ def compressor_momentum(cfg: Config) -> float:
   return cfg.momentum if cfg.momentum_correction else 0.0
 
 
-def make_compressor(cfg: Config, axis_name: str | None) -> optax.GradientTransformation:
-  """The hggjax compressor `cfg` names, exchanging over `axis_name` (None: local only).
+def make_compressor(cfg: Config, axis_name) -> optax.GradientTransformation:
+  """The hggjax compressor `cfg` names, exchanging over `axis_name` (None: local only;
+  a (slow, fast) pair for a two-level mesh).
 
   Construction validates the options and starts no JAX backend, so the CLI builds one
   to check a config before it sets the device count.
@@ -37,7 +38,8 @@ def make_compressor(cfg: Config, axis_name: str | None) -> optax.GradientTransfo
     ValueError, TypeError: hggjax rejects the options (e.g. `use_pipeline` with a
       compressor other than hggtopk), with a message saying why.
   """
-  options = {"density": cfg.density, "axis_name": axis_name, "min_size": cfg.min_size}
+  options = {"density": cfg.density, "axis_name": axis_name, "min_size": cfg.min_size,
+             "exchange": cfg.exchange}
   if cfg.momentum_correction:
     options["momentum"] = cfg.momentum
   if cfg.use_pipeline:
@@ -57,8 +59,7 @@ def before_compressor(cfg: Config) -> optax.GradientTransformation:
   return optax.identity()
 
 
-def optimizer_parts(cfg: Config, total_steps: int,
-                    axis_name: str | None = AXIS) -> Optimizer:
+def optimizer_parts(cfg: Config, total_steps: int, axis_name=AXIS) -> Optimizer:
   """Compressor, weight decay and SGD; where momentum acts depends on the config.
 
   With `momentum_correction` (the default) each device keeps its own velocity of
@@ -74,7 +75,6 @@ def optimizer_parts(cfg: Config, total_steps: int,
                     optax.sgd(lr, momentum=cfg.momentum)), 0)
 
 
-def make_optimizer(cfg: Config, total_steps: int,
-                   axis_name: str | None = AXIS) -> optax.GradientTransformation:
+def make_optimizer(cfg: Config, total_steps: int, axis_name=AXIS) -> optax.GradientTransformation:
   """The chain of `optimizer_parts` as one optax transformation."""
   return optimizer_parts(cfg, total_steps, axis_name).tx

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train import optim
-from train.mesh import AXIS
+from train.mesh import data_axes
 from train.steps import TrainState, compressor_input, local_grads, make_train_step
 
 
@@ -69,14 +69,15 @@ def time_breakdown(state: TrainState, cfg, batch: tuple, step_fn=None,
   """Seconds per piece of one step on `batch`, a tuple of sharded global arrays (see the
   module docstring)."""
   mesh = state.mesh
-  n_dev = mesh.shape[AXIS]
+  axes = data_axes(mesh)  # per device, also on a two-level mesh
+  n_dev = mesh.size
   step_fn = step_fn or make_train_step(state)
   step = np.int32(state.step)
-  specs = hggjax.state_specs(state.opt_state, AXIS)
+  specs = hggjax.state_specs(state.opt_state, axes)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)),
-                     out_specs=P(AXIS))
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(), P(axes)),
+                     out_specs=P(axes))
   def compute(params, batch_stats, step, batch):
     *_, grads = local_grads(state, params, batch_stats, batch, step)
     return jax.tree.map(lambda g: g[None], grads)
@@ -84,21 +85,21 @@ def time_breakdown(state: TrainState, cfg, batch: tuple, step_fn=None,
   # The gradients as the compressor receives them (after the parts of the chain before
   # it), per device: the input of the local compressor below.
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), specs, P(), P(AXIS)),
-                     out_specs=P(AXIS))
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), specs, P(), P(axes)),
+                     out_specs=P(axes))
   def received(params, batch_stats, opt_state, step, batch):
     updates = compressor_input(state, params, batch_stats, opt_state, batch, step)
     return jax.tree.map(lambda u: u[None], updates)
 
   local_tx = optim.make_compressor(cfg, axis_name=None)
   local_state = local_tx.init(state.params)
-  stacked = NamedSharding(mesh, P(AXIS))
+  stacked = NamedSharding(mesh, P(axes))
   local_state = jax.device_put(
       jax.tree.map(lambda x: jnp.broadcast_to(x[None], (n_dev,) + x.shape), local_state), stacked)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
-                     out_specs=(P(AXIS), P(AXIS)))
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(axes), P(axes), P()),
+                     out_specs=(P(axes), P(axes)))
   def compressor_update(grads, cstate, params):
     grads = jax.tree.map(lambda g: g[0], grads)
     cstate = jax.tree.map(lambda x: x[0], cstate)
@@ -106,9 +107,9 @@ def time_breakdown(state: TrainState, cfg, batch: tuple, step_fn=None,
     return jax.tree.map(lambda u: u[None], updates), jax.tree.map(lambda x: x[None], cstate)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(AXIS), out_specs=P())
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(axes), out_specs=P())
   def dense_allreduce(grads):
-    return jax.tree.map(lambda g: jax.lax.pmean(g[0], AXIS), grads)
+    return jax.tree.map(lambda g: jax.lax.pmean(g[0], axes), grads)
 
   grads = compute(state.params, state.batch_stats, step, batch)
   updates = received(state.params, state.batch_stats, state.opt_state, step, batch)

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train.config import Config
-from train.mesh import AXIS, process_rows, shard_batch
+from train.mesh import data_axes, process_rows, shard_batch
 from train.task import Optimizer, Task
 
 
@@ -53,11 +53,12 @@ def init_state(task: Task, mesh, total_steps: int) -> TrainState:
   """The task's model, optimizer and their state, placed on `mesh` (compressor state per
   device)."""
   graphdef, params, batch_stats = nnx.split(task.create_model(), nnx.Param, nnx.BatchStat)
-  optimizer = task.make_optimizer(total_steps, AXIS)
+  axes = data_axes(mesh)  # "data", or ("hosts", "local") on a two-level mesh
+  optimizer = task.make_optimizer(total_steps, axes)
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(params, replicated)
   batch_stats = jax.device_put(batch_stats, replicated)
-  opt_state = hggjax.shard_state(optimizer.tx.init(params), mesh, AXIS)
+  opt_state = hggjax.shard_state(optimizer.tx.init(params), mesh, axes)
   return TrainState(0, params, batch_stats, opt_state, graphdef, optimizer, task.loss,
                     task.eval_sums, mesh)
 
@@ -85,7 +86,7 @@ def local_grads(state: TrainState, params, batch_stats, batch: tuple, step):
 
   # Without the cast, grad of replicated params would be summed over devices by the
   # transpose of the implicit broadcast; the compressor must see per-device gradients.
-  local_params = jax.lax.pcast(params, AXIS, to="varying")
+  local_params = jax.lax.pcast(params, data_axes(state.mesh), to="varying")
   (loss, (metrics, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(local_params)
   return loss, metrics, new_stats, grads
 
@@ -106,7 +107,8 @@ def make_train_step(state: TrainState) -> Callable:
   `batch` the tuple of global arrays sharded over "data". params, batch_stats and
   opt_state are donated: the arrays passed in are deleted.
   """
-  specs = hggjax.state_specs(state.opt_state, AXIS)
+  axes = data_axes(state.mesh)
+  specs = hggjax.state_specs(state.opt_state, axes)
   tx = state.tx
 
   # The old params, BatchNorm statistics and optimizer state are dead after the step:
@@ -114,7 +116,7 @@ def make_train_step(state: TrainState) -> Callable:
   # (on CPU every fresh buffer of a large model is page-faulted in again each step).
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   @functools.partial(jax.shard_map, mesh=state.mesh,
-                     in_specs=(P(), P(), specs, P(), P(AXIS)),
+                     in_specs=(P(), P(), specs, P(), P(axes)),
                      out_specs=(P(), P(), specs, P()))
   def train_step(params, batch_stats, opt_state, step, batch):
     loss, metrics, new_stats, grads = local_grads(state, params, batch_stats, batch, step)
@@ -125,8 +127,8 @@ def make_train_step(state: TrainState) -> Callable:
     # log steps and before checkpoints only: no extra sync per step.
     grads_bad = jnp.max(hggjax.stats(opt_state)["nonfinite"]) > 0
     bad = jnp.logical_or(jnp.logical_not(jnp.isfinite(loss)), grads_bad)
-    metrics = {k: jax.lax.pmean(v, AXIS) for k, v in metrics.items()}
-    metrics["nonfinite"] = jax.lax.pmax(bad.astype(jnp.int32), AXIS)
+    metrics = {k: jax.lax.pmean(v, axes) for k, v in metrics.items()}
+    metrics["nonfinite"] = jax.lax.pmax(bad.astype(jnp.int32), axes)
     return params, new_stats, opt_state, metrics
 
   return train_step
@@ -134,15 +136,15 @@ def make_train_step(state: TrainState) -> Callable:
 
 def make_eval_step(state: TrainState) -> Callable:
   """The task's evaluation sums over a padded, sharded batch, summed over devices."""
-  graphdef, eval_fn = state.graphdef, state.eval_fn
+  graphdef, eval_fn, axes = state.graphdef, state.eval_fn, data_axes(state.mesh)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=state.mesh, in_specs=(P(), P(), P(AXIS)),
+  @functools.partial(jax.shard_map, mesh=state.mesh, in_specs=(P(), P(), P(axes)),
                      out_specs=P())
   def eval_step(params, batch_stats, batch):
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     model.eval()
-    return jax.lax.psum(eval_fn(model, batch), AXIS)
+    return jax.lax.psum(eval_fn(model, batch), axes)
 
   return eval_step
 

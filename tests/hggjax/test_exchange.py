@@ -129,11 +129,14 @@ def test_reported_bytes_are_what_the_gather_moves(name, dtype, value_bytes):
   tx = hggjax.get_compressor(name, density=0.05, axis_name="data")
   state = hggjax.shard_state(tx.init(jax.tree.map(lambda g: g[0], grads)), mesh, "data")
   _, state = _shard_map_update(tx, mesh, state)(jax.device_put(grads, NamedSharding(mesh, P("data"))), state)
-  capacity = sum(helpers.k_of(0.05, int(np.prod(s))) for s in SHAPES.values())
+  ks = [helpers.k_of(0.05, int(np.prod(s))) for s in SHAPES.values()]
   stats = hggjax.stats(state)
-  np.testing.assert_array_equal(stats["k"], [capacity] * NUM_DEVICES)
-  # Each device sends C slots of (value, int32 index); all P payloads arrive everywhere.
-  assert float(np.sum(stats["sent_bytes"])) == NUM_DEVICES * capacity * (value_bytes + 4)
+  np.testing.assert_array_equal(stats["k"], [sum(ks)] * NUM_DEVICES)
+  # Each device sends C slots of (value, int32 index), the values packed into int32
+  # words (a bfloat16 row of odd C pads 2 bytes); all P payloads arrive everywhere.
+  row = [4 * (-(-k * value_bytes // 4) + k) for k in ks]
+  np.testing.assert_array_equal(stats["sent_bytes"], [sum(row)] * NUM_DEVICES)
+  np.testing.assert_array_equal(stats["received_bytes"], [(NUM_DEVICES - 1) * sum(row)] * NUM_DEVICES)
   dense = sum(int(np.prod(s)) for s in SHAPES.values()) * value_bytes
   np.testing.assert_array_equal(stats["dense_bytes"], [dense] * NUM_DEVICES)
 
@@ -240,7 +243,8 @@ def test_sparse_mean_under_shard_map_gathers_the_wire_dtype(dtype):
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
   def mean(v, i):
-    return hggjax.exchange.sparse_mean(hggjax.payload.Payload(v[0], i[0]), n, "data")
+    mean, delivered = hggjax.exchange.sparse_mean(hggjax.payload.Payload(v[0], i[0]), n, "data")
+    return mean
 
   sharding = NamedSharding(mesh, P("data"))
   args = jax.device_put((vals, idx), sharding)

@@ -115,6 +115,8 @@ FLAG_CASES = [
       "--density", "0.5"],
      {"log_dir": "d", "data_dir": "e", "eval_every": 2, "log_every": 3, "model": "vgg11",
       "dataset": "cifar10", "epochs": 9, "compressor": "topk", "density": 0.5}),
+    (["--exchange", "sparse_allreduce", "--hosts", "2"],
+     {"exchange": "sparse_allreduce", "hosts": 2}),
 ]
 
 

@@ -19,12 +19,14 @@ from train.mesh import AXIS
     ({"momentum_correction": False}, {}),
     ({"use_pipeline": True}, {"momentum": 0.9, "pipeline": True}),
     ({"compressor": "none", "momentum": 0.5}, {"momentum": 0.5}),
+    ({"exchange": "sparse_allreduce"}, {"momentum": 0.9, "exchange": "sparse_allreduce"}),
 ])
 def test_make_compressor_passes_the_config(compressor_calls, overrides, options):
   cfg = dataclasses.replace(Config(density=0.05, min_size=7), **overrides)
   optim.make_compressor(cfg, "data")
   assert compressor_calls == [
-      (cfg.compressor, {"density": 0.05, "axis_name": "data", "min_size": 7, **options})]
+      (cfg.compressor, {"density": 0.05, "axis_name": "data", "min_size": 7,
+                        "exchange": "allgather", **options})]
 
 
 def test_make_optimizer_builds_its_compressor_with_make_compressor(compressor_calls):
@@ -37,6 +39,7 @@ def test_make_optimizer_builds_its_compressor_with_make_compressor(compressor_ca
 @pytest.mark.parametrize("overrides, error, message", [
     ({"compressor": "topk", "use_pipeline": True}, TypeError, "pipeline= is offered by hggtopk"),
     ({"momentum": 1.0}, ValueError, "momentum must be a number in"),
+    ({"exchange": "ring"}, ValueError, "exchange must be one of"),
 ])
 def test_make_compressor_rejects_what_hggjax_rejects(overrides, error, message):
   with pytest.raises(error, match=message):

@@ -28,7 +28,7 @@ from train.lm import task as lm_task
 from train.lm.config import LMConfig, adam_placement
 from train.lm.models import create_lm_model
 from train.lm.tokenizer import load_tokenizer
-from train.mesh import AXIS
+from train.mesh import config_axes
 from train.task import Optimizer, Task
 
 CORPUS_FILE = "corpus.json"  # in the run directory: where the text came from
@@ -94,7 +94,7 @@ class LMTask(Task):
     if self.cfg.dropout > 0:
       # A different mask on every step and device, the same on a rerun or a resume.
       key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
-      rngs = nnx.Rngs(dropout=jax.random.fold_in(key, jax.lax.axis_index(AXIS)))
+      rngs = nnx.Rngs(dropout=jax.random.fold_in(key, jax.lax.axis_index(config_axes(self.cfg.hosts))))
     return lm_task.next_token_loss(model, tokens, rngs=rngs)
 
   def eval_sums(self, model, batch: tuple):
