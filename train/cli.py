@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Callable, NamedTuple
@@ -178,6 +179,7 @@ def _run(argv: list[str], program: Program) -> None:
     raise UsageError(f"--log-dir {cfg.log_dir} already holds a run: add --resume to "
                      "continue it, or use another --log-dir")
 
+  patient_cpu_collectives()
   import jax  # pylint: disable=import-outside-toplevel
   if spec is not None:
     _run_processes(cfg, spec, argv, resume)
@@ -193,6 +195,20 @@ def _run(argv: list[str], program: Program) -> None:
 
   from train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   train_and_evaluate(cfg, argv=[*cfg.PROG.split(), *argv], resume=resume)
+
+
+def patient_cpu_collectives(seconds: int = 600) -> None:
+  """Let XLA:CPU's collectives wait `seconds` for every device's thread (default 40 s).
+
+  Fake CPU devices are threads sharing a few cores: on a loaded machine one of them can
+  reach a collective long after the others, and the default timeout then ends the run
+  as if it had deadlocked. Only the CPU backend reads the flag; it must be set before
+  JAX starts its backend, and a value the user put in XLA_FLAGS is kept.
+  """
+  flag = "--xla_cpu_collective_call_terminate_timeout_seconds"
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}={seconds}".strip()
 
 
 def _run_processes(cfg: Config, spec: distributed.ProcessSpec, argv: list[str],

@@ -224,3 +224,13 @@ def test_dense_runs_are_named_without_density():
   assert name.startswith("fashion_mnist-cnn-none-s2-")
   assert "-d0.01-" in logs.default_run_dir(Config())
   cli.check_flags(Config(compressor="none"), {"density": 1.0})  # compare's dense run
+
+
+def test_cpu_collectives_wait_longer_unless_the_user_chose(monkeypatch):
+  flag = "--xla_cpu_collective_call_terminate_timeout_seconds"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  cli.patient_cpu_collectives()
+  assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {flag}=600"
+  monkeypatch.setenv("XLA_FLAGS", f"{flag}=5")
+  cli.patient_cpu_collectives()
+  assert os.environ["XLA_FLAGS"] == f"{flag}=5"
