@@ -77,6 +77,8 @@ def compressor_stats(opt_state, group: int) -> dict[str, Any]:
   if "sent_bytes" in s and "dense_bytes" in s:
     out["sent_bytes"] = float(np.mean(s["sent_bytes"]))
     out["dense_bytes"] = float(np.mean(s["dense_bytes"]))
+  if "received_bytes" in s:
+    out["received_bytes"] = float(np.mean(s["received_bytes"]))
   if "history_hits" in s:
     out["history_hits"] = int(np.sum(s["history_hits"]))
   thr = s.get("threshold")  # float32[P, G]: one group per compressed leaf (scope="leaf")

@@ -1,0 +1,20 @@
+"""benchmarks.update runs end to end on a small leaf: every piece it times still matches
+the library's internals (the breakdown calls the transform's steps one by one)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_update_benchmark_runs_with_breakdown_and_shard_map(tmp_path):
+  out = tmp_path / "update.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.update", "--sizes", "1e4", "--densities", "0.01",
+       "--methods", "hggtopk", "--momentum", "0", "--axis", "none,shard_map",
+       "--breakdown", "hggtopk", "--reps", "1", "--topk-reps", "1", "--out", str(out)],
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  updates = [r for r in rows if r.get("method") == "hggtopk"]
+  assert {r["axis"] for r in updates} == {"none", "shard_map"}
+  assert any("breakdown" in r for r in updates)
