@@ -9,5 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Start the backend now: a test that runs the CLI in this process would otherwise set
+# its own device count first (train.cli does, before a backend exists).
+assert jax.device_count() == 8
 
 NUM_DEVICES = 4  # what multi-device tests use out of the 8
