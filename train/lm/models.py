@@ -116,7 +116,6 @@ class LSTMLayer(nnx.Module):
     self.b = nnx.Param(init(rngs.params(), (4 * units,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b = x.shape[0]
     units = self.w_h.shape[0]
     gx = jnp.swapaxes(x @ self.w_x[...] + self.b[...], 0, 1)  # (time, batch, 4 units)
     w_h = self.w_h[...]
@@ -128,7 +127,9 @@ class LSTMLayer(nnx.Module):
       h = jax.nn.sigmoid(o) * jnp.tanh(c)
       return (h, c), h
 
-    zeros = jnp.zeros((b, units), gx.dtype)
+    # zeros_like keeps gx's type inside shard_map (varying over the data axis), which the
+    # scan's carry must match; a plain jnp.zeros would be replicated.
+    zeros = jnp.zeros_like(gx[0, :, :units])
     _, hs = jax.lax.scan(step, (zeros, zeros), gx)
     return jnp.swapaxes(hs, 0, 1)
 

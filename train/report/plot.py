@@ -146,8 +146,8 @@ def _unigram(series) -> float | None:
 def time_breakdown(series, subtitle, out_dir) -> str | None:
   timed = [s for s in series if finite(s.m["step_s"])]
   if not timed:
-    print("train.plot: no run has timing.json (run without --no-profile); "
-          "time_breakdown.png not written", file=sys.stderr)
+    print("train.plot: no run has timing.json (runs measure it with --profile, and by "
+          "default only when it is cheap); time_breakdown.png not written", file=sys.stderr)
     return None
   fig = style.figure(9, 1.9 + 0.3 * len(timed))
   ax = fig.subplots()
