@@ -213,6 +213,38 @@ def _top_k_cpu(x: jax.Array, k: int, min_fast_n: int) -> jax.Array:
   return jax.lax.cond((count >= k) & (count <= cap), fast, slow)
 
 
+def lean_top_k(x: jax.Array, k: int) -> jax.Array:
+  """int32[k]: positions of the k largest |x|, exact, with no n-sized temporary.
+
+  For fallbacks that almost never run: XLA:CPU sizes one temporary block for every
+  branch of a function, so a fallback holding an n-sized buffer (``lax.top_k`` of
+  |x|, a prefix sum over n) makes every call allocate (and page in) a block that
+  large, taken or not. Here the k-th largest key is found by a bitwise search, 31
+  counting passes over x (slow, and only packed masks and counts in memory); the
+  positions above it and then the ties at it are compacted from packed masks.
+  Positions of zeros may fill the last slots when fewer than k are nonzero.
+  """
+  n = x.shape[0]
+
+  def keys_with(value):
+    # x tied to a value that differs at each use: XLA can then neither hoist the keys
+    # out of the loop nor share one materialised keys buffer between the uses.
+    tied, _ = jax.lax.optimization_barrier((x, value))
+    return bits.magnitude_keys(tied)
+
+  def step(_, bounds):
+    lo, hi = bounds  # #(keys >= lo) >= k > #(keys >= hi)
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits.popcounts(bits.pack(keys_with(mid) >= mid))) >= k
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  kth, _ = jax.lax.fori_loop(0, 31, step, (jnp.int32(0), jnp.int32(0x7F800000)))
+  above, n_above = compact(bits.pack(keys_with(kth) > kth), n, k)
+  ties, _ = compact(bits.pack(keys_with(n_above) == kth), n, k)
+  slot = jnp.arange(k, dtype=jnp.int32)
+  return jnp.where(slot < n_above, above, ties[jnp.clip(slot - n_above, 0, k - 1)])
+
+
 def largest_above(
     a: jax.Array, threshold: jax.Array, k: int, capacity: int,
     min_fast_n: int = MIN_FAST_N, at_least: int | None = None,

@@ -171,8 +171,9 @@ def hgg_topk_pipelined(tolerance: float = 0.01, min_fast_n: int = MIN_FAST_N) ->
       low, cap2 = sampling.low_cut(x, k)
       pos, keys, count = topk_kernels.candidates(x, low, cap2)
       missed = (count < k) | (count > cap2)
-      # A sample that missed (rare) gives way to the exact top-k of the whole vector.
-      idx = jax.lax.cond(missed, lambda: topk_kernels.top_k(x, k, min_fast_n),
+      # A sample that missed (rare) gives way to the exact top-k of the whole vector,
+      # found without an n-sized buffer (`lean_top_k`: its docstring says why).
+      idx = jax.lax.cond(missed, lambda: topk_kernels.lean_top_k(x, k),
                          lambda: topk_kernels.take_largest(keys, pos, k, jnp.int32(0), n))
       idx, cut = with_cut(idx)
       return idx, cut, count, missed

@@ -80,3 +80,27 @@ def test_largest_above_keeps_the_largest_that_pass(min_fast_n):
   np.testing.assert_array_equal(np.sort(idx), np.sort(passing[np.argsort(-a[passing])[:k]]))
   assert float(cut) == a[idx].min()
 
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "mostly_zero", "all_zero"])
+@pytest.mark.parametrize("n,k", [(1000, 10), (70_000, 700), (5000, 5000)])
+def test_lean_top_k_is_exact(kind, n, k):
+  rng = np.random.default_rng(n + k)
+  x = rng.standard_normal(n).astype(np.float32)
+  if kind == "ties":
+    x = np.round(x * 2) / 2  # few distinct magnitudes: the k-th is tied many times
+  elif kind == "mostly_zero":
+    x[rng.random(n) < 0.995] = 0.0
+  elif kind == "all_zero":
+    x[:] = 0.0
+  idx = np.asarray(jax.jit(topk.lean_top_k, static_argnums=1)(jnp.asarray(x), k))
+  assert idx.shape == (k,) and len(set(idx.tolist())) == k and idx.max() < n
+  np.testing.assert_array_equal(np.sort(np.abs(x[idx])), np.sort(np.abs(x))[n - k:])
+
+
+def test_lean_top_k_holds_no_vector_sized_temporary():
+  n, k = 1 << 22, 1 << 12
+  compiled = jax.jit(topk.lean_top_k, static_argnums=1).lower(
+      jax.ShapeDtypeStruct((n,), jnp.float32), k).compile()
+  # Packed masks (n / 8 bytes each) and k-sized buffers only; one float32[n] is 4n.
+  assert compiled.memory_analysis().temp_size_in_bytes < n
