@@ -3,7 +3,7 @@
     python -m benchmarks.update                                  # the default rows (~10 min on 2 cores)
     python -m benchmarks.update --sizes 1e6,1e7,2.5e7 --densities 0.01,0.05 \\
         --methods hggtopk,topk --momentum 0,0.9 --axis none,shard_map --pytree resnet18
-    python -m benchmarks.update --render benchmarks/results/update_cpu.json
+    python -m benchmarks.update --render benchmarks/results/update_cpu_hggtopk.json
 
 Per row (a compressor on one float32 leaf of n elements, or on the ResNet-18 CIFAR
 parameter shapes, at one density, momentum and axis):
