@@ -4,14 +4,17 @@ The optimizer has the compressor (built by the harness, `train.optim.make_compre
 in one of two places relative to Adam (`cfg.adam`, resolved by
 `train.lm.config.adam_placement`):
 
-    before_compression:  clip -> Adam's moments, per device -> compressor
-                         -> decoupled weight decay -> learning rate
+    before_compression:  clip -> Adam's moments, per device -> learning rate
+                         -> compressor -> decoupled weight decay
     after_exchange:      clip -> compressor -> AdamW (moments on the exchanged mean)
 
 Adam before the compressor. Each device keeps Adam's first and second moments of its own
 (clipped) gradient and the compressor sends Adam's step: every coordinate's step is
 bounded, error feedback stores the steps not yet sent, and a coordinate sent after many
-steps moves by what dense Adam would have moved it over those steps. This is DGC's
+steps moves by what dense Adam would have moved it over those steps. The learning rate
+scales each step before the compressor, so the residual holds parameter changes, each at
+the rate of the step that made it: applied after the exchange instead, a step computed
+during warm-up would be sent, and scaled, at a later step's rate. This is DGC's
 momentum correction carried over to Adam (the moments live where the velocity would).
 After the exchange, Adam normalises the sparse mean instead: a coordinate sent once
 after many steps of accumulation moves by a few learning-rate units however large the
@@ -107,6 +110,24 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def scheduled_weight_decay(schedule: optax.Schedule, rate: float,
+                           mask: Any) -> optax.GradientTransformation:
+  """AdamW's decoupled weight decay on its own: adds -schedule(t) * rate * param (where
+  `mask` says) to updates that carry their learning rate already."""
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("scheduled_weight_decay needs the params")
+    step = -schedule(state.count) * rate
+    decayed = jax.tree.map(lambda u, p, m: u + step * p if m else u, updates, params,
+                           mask(params) if callable(mask) else mask)
+    return decayed, optax.ScaleByScheduleState(optax.safe_int32_increment(state.count))
+  return optax.GradientTransformation(init, update)
+
+
 def finite_or_unchanged(inner: optax.GradientTransformation) -> optax.GradientTransformation:
   """`inner`, except that a non-finite input leaves its state as it was and passes
   through unchanged: the compressor after it then skips the step on this device and
@@ -133,9 +154,10 @@ def lm_optimizer_parts(cfg, compressor: optax.GradientTransformation, total_step
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
   if adam_placement(cfg) == "before_compression":
     adam = finite_or_unchanged(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-    return Optimizer((clip, hggjax.per_device(adam, axis_name=axis_name), compressor,
-                      optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-                      optax.scale_by_learning_rate(schedule)), 2)
+    # The learning-rate count is the same on every device: no per-device state needed.
+    return Optimizer((clip, hggjax.per_device(adam, axis_name=axis_name),
+                      optax.scale_by_learning_rate(schedule), compressor,
+                      scheduled_weight_decay(schedule, cfg.weight_decay, decay_mask)), 3)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.clip_after_exchange:

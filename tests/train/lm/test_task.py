@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,17 +68,36 @@ def _recorder(seen):
 @pytest.mark.parametrize("adam, after, received", [
     ("after_exchange", False, 1.0),      # the clipped gradient
     ("after_exchange", True, 40.0),      # the raw gradient: clipping comes after
-    ("before_compression", False, 4.0),  # Adam's first step: +-1 per element, 16 of them
+    # Adam's first step, +-1 per element, 16 of them, times the peak rate (no warm-up)
+    ("before_compression", False, 4.0 * 2e-3),
 ])
 def test_what_the_compressor_receives(adam, after, received):
   """Clipping before or after the compressor, Adam before it or after the exchange."""
   seen = []
-  cfg = LMConfig(clip_norm=1.0, clip_after_exchange=after, adam=adam)
+  cfg = LMConfig(clip_norm=1.0, clip_after_exchange=after, adam=adam, lr=2e-3, warmup_steps=0)
   tx = task.lm_optimizer(cfg, _recorder(seen), total_steps=10)
   params = {"w": jnp.ones((4, 4))}
   grads = {"w": jnp.full((4, 4), 10.0)}  # norm 40
   tx.update(grads, tx.init(params), params)
   assert float(seen[0]) == pytest.approx(received, rel=1e-5)
+
+
+def test_adam_before_compression_is_adamw_without_compression():
+  """With a compressor that sends everything, the chain is AdamW applied per device: the
+  learning rate before the compressor and the decay after it give optax.adamw's update."""
+  cfg = LMConfig(adam="before_compression", lr=1e-2, warmup_steps=2, weight_decay=0.1,
+                 clip_norm=0.0)
+  tx = task.lm_optimizer(cfg, optax.identity(), total_steps=6)
+  ref = optax.adamw(task.lr_schedule(cfg, 6), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=task.decay_mask)
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+  state, ref_state = tx.init(params), ref.init(params)
+  for t in range(5):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (t + 1)), params)
+    updates, state = tx.update(grads, state, params)
+    expected, ref_state = ref.update(grads, ref_state, params)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-9)
+    params = optax.apply_updates(params, updates)
 
 
 def test_default_compressor_has_no_momentum(compressor_calls):
