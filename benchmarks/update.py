@@ -40,6 +40,8 @@ import statistics
 import sys
 import time
 
+from train import host_memory
+
 ARGS = None  # parsed before JAX starts: the fake CPU device count must come first
 
 
@@ -58,6 +60,9 @@ def _parse(argv):
   p.add_argument("--topk-reps", type=int, default=3, help="timed lax.top_k calls")
   p.add_argument("--out", default="benchmarks/results/update.json")
   p.add_argument("--render", metavar="JSON", help="print the table of a saved run and exit")
+  p.add_argument("--malloc", choices=("reuse", "system"), default="reuse",
+                 help="reuse: keep freed host memory for the next call, as the training "
+                 "harness does (train/host_memory.py); system: glibc's defaults")
   return p.parse_args(argv)
 
 
@@ -346,8 +351,10 @@ def main(argv=None):
     print(table(saved["rows"]))
     return 0
   start = time.perf_counter()
+  reused = args.malloc == "reuse" and host_memory.reuse_freed_memory()  # before JAX starts
   rows = run(args)
   info = machine()
+  info["malloc"] = "reuse" if reused else "system"
   info["wall_s"] = time.perf_counter() - start
   print()
   print(table(rows))

@@ -14,7 +14,9 @@ def test_update_benchmark_runs_with_breakdown_and_shard_map(tmp_path):
        "--breakdown", "hggtopk", "--reps", "1", "--topk-reps", "1", "--out", str(out)],
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = json.loads(out.read_text())["rows"]
+  saved = json.loads(out.read_text())
+  assert saved["machine"]["malloc"] == "reuse"  # the harness's setting, recorded
+  rows = saved["rows"]
   updates = [r for r in rows if r.get("method") == "hggtopk"]
   assert {r["axis"] for r in updates} == {"none", "shard_map"}
   assert any("breakdown" in r for r in updates)
