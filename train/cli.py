@@ -21,7 +21,6 @@ from typing import Callable, NamedTuple
 import hggjax
 
 from train import distributed
-from train import host_memory
 from train import logs
 from train import resume as resume_lib
 from train.config import (CPU_DEFAULT_DEVICES, MODEL_NAMES, Config, load_config_file,
@@ -181,7 +180,6 @@ def _run(argv: list[str], program: Program) -> None:
                      "continue it, or use another --log-dir")
 
   patient_cpu_collectives()
-  host_memory.reuse_freed_memory()  # before JAX's threads take their malloc arenas
   import jax  # pylint: disable=import-outside-toplevel
   if spec is not None:
     _run_processes(cfg, spec, argv, resume)

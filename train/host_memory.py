@@ -8,6 +8,10 @@ this project's CPU machine that was two float32 buffers of the gradient's size p
 compressor update at n = 1e7 and 2.5e7, about half the update's time
 (docs/benchmarks.md, "Host memory"). Accelerators are unaffected: their runtimes pool
 device memory themselves.
+
+`python -m train.cifar`, `python -m train.lm` and `python -m train.compare` call
+`reuse_freed_memory` first thing; `python -m benchmarks.update` unless `--malloc system`.
+It changes the whole process's allocator, so library code and tests do not call it.
 """
 
 from __future__ import annotations
