@@ -22,7 +22,11 @@ parameter shapes, at one density, momentum and axis):
   densified mean), keep (the residual write), statistics. Their sum next to the whole.
 - memory: ``compiled.memory_analysis()`` of the update: temporaries (``temp_MB``,
   every branch included, also those that rarely run) and that as n-sized float32
-  buffers beyond the state and its output.
+  buffers beyond the state and its output; ``faults``: the 4 KiB pages the kernel
+  mapped in per update call (``getrusage`` minor faults), in n-sized float32 buffers.
+- ``--malloc``: ``reuse`` (default) keeps freed host memory in the process as the
+  training harness does (``train/host_memory.py``); ``system`` leaves glibc's
+  defaults, which return blocks of 32 MB and more to the kernel after each call.
 
 Every time is the median of ``--reps`` calls, the compared functions interleaved
 call by call so that load on a shared machine hits them alike; each call ends in
@@ -36,6 +40,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -77,11 +82,17 @@ def _median_ms(times):
   return 1e3 * statistics.median(times)
 
 
-def interleaved(pieces: dict, reps: int) -> dict:
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved(pieces: dict, reps: int, faults: dict | None = None) -> dict:
   """Median ms per piece; `pieces` maps name -> (fn, args, feed) where feed(args, out)
-  gives the next call's args (for donated state) or None to reuse them."""
+  gives the next call's args (for donated state) or None to reuse them. `faults`, when
+  given, receives each piece's mean page faults per call (memory the kernel maps in)."""
   import jax  # pylint: disable=import-outside-toplevel
   live = {}
+  counted = {name: 0 for name in pieces}
   for name, (fn, args, feed) in pieces.items():  # compile and warm up
     out = jax.block_until_ready(fn(*args))
     live[name] = feed(args, out) if feed else args
@@ -89,10 +100,13 @@ def interleaved(pieces: dict, reps: int) -> dict:
   for _ in range(reps):
     for name, (fn, _, feed) in pieces.items():
       args = live[name]
-      start = time.perf_counter()
+      before, start = _minor_faults(), time.perf_counter()
       out = jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
+      counted[name] += _minor_faults() - before
       live[name] = feed(args, out) if feed else args
+  if faults is not None:
+    faults.update({name: c / reps for name, c in counted.items()})
   return {name: _median_ms(t) for name, t in times.items()}
 
 
@@ -220,16 +234,19 @@ def _time_local(jax, jnp, optax, tx, gs, reps):
     counter["i"] += 1
     return gs[counter["i"] % len(gs)]
 
+  faults = {}
   t = interleaved({
       "update": (update, (gs[0], tx.init(params)), lambda a, o: (next_g(), o[0])),
       "in_step": (in_step, (jax.tree.map(jnp.copy, params), tx.init(params), gs[1]),
                   lambda a, o: (o[0], o[1], next_g())),
       "apply": (apply, (jax.tree.map(jnp.copy, params), gs[2]), lambda a, o: (o, next_g())),
-  }, reps)
+  }, reps, faults)
   n = sum(x.size for x in gs[0].values())
   return dict(update_ms=t["update"], in_step_ms=t["in_step"], apply_ms=t["apply"],
               temp_MB=memory.temp_size_in_bytes / 1e6,
-              temp_buffers=memory.temp_size_in_bytes / (4 * n))
+              temp_buffers=memory.temp_size_in_bytes / (4 * n),
+              # pages of 4 KiB the kernel mapped in per update call, in float32[n] buffers
+              fault_buffers=faults["update"] * 4096 / (4 * n))
 
 
 def _time_selector(jax, jnp, selector, hggjax, tx, gs, k, reps):
@@ -308,7 +325,8 @@ def _time_sharded(jax, jnp, P, NamedSharding, hggjax, tx, gs, devices, reps):
 
 
 HEADER = (f"{'shape':>9} {'dens':>5} {'method':>18} {'mom':>4} {'axis':>9} {'update':>8} "
-          f"{'in step':>8} {'apply':>7} {'selector':>9} {'x floor':>7} {'x top_k':>7} {'temp':>6}")
+          f"{'in step':>8} {'apply':>7} {'selector':>9} {'x floor':>7} {'x top_k':>7} {'temp':>6} "
+          f"{'faults':>6}")
 
 
 def _format(r) -> str:
@@ -320,6 +338,7 @@ def _format(r) -> str:
   in_step = f"{r['in_step_ms']:>8.2f}" if "in_step_ms" in r else f"{'':>8}"
   apply = f"{r['apply_ms']:>7.2f}" if "apply_ms" in r else f"{'':>7}"
   temp = f"{r['temp_buffers']:>6.2f}" if "temp_buffers" in r else f"{'':>6}"
+  temp += f" {r['fault_buffers']:>6.2f}" if "fault_buffers" in r else ""
   s = (f"{r['shape']:>9} {r['density']:>5.2f} {r['method']:>18} {r['momentum']:>4.1f} "
        f"{r['axis']:>9} {r['update_ms']:>8.2f} {in_step} {apply} {sel} "
        f"{r['update_ms'] / r['floor_ms']:>7.1f} {r['topk_ms'] / r['update_ms']:>7.1f} {temp}")
