@@ -38,7 +38,8 @@ def _faults_per_page(mode: str) -> float:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_buffers_are_reused_without_page_faults():
-  assert _faults_per_page("system") > 0.9  # every page of every buffer, every time
+  if _faults_per_page("system") < 0.9:  # e.g. huge pages: few faults to save
+    pytest.skip("fresh memory is not faulted in page by page here")
   # Freed outputs are reused; a few calls still land on fresh pages while earlier
   # outputs wait to be freed (0 to 0.3 of the pages here).
   assert _faults_per_page("reuse") < 0.6
