@@ -199,7 +199,7 @@ def _run(args, spec) -> dict:
       sar_s, _ = timed(sar_fn, *sar_payload)
       row["exchange"][f"sparse@{d:g}"] = {
           "all_gather_s": gather_s, "sparse_mean_s": mean_s, "densify_s": densify_s,
-          "capacity": c, "bytes_per_process": (nproc - 1) * c * 8,
+          "capacity": c, "bytes_per_process": exchange.traffic("allgather", nproc, 1, c, 4)[1],
           "sparse_allreduce_s": sar_s,
           "sparse_allreduce_bytes_per_process": exchange.traffic(
               "sparse_allreduce", nproc, 1, c, 4)[1]}

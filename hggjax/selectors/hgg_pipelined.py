@@ -55,7 +55,9 @@ EDGES = 16  # thresholds per counting round on the candidates (two rounds)
 # brackets the sample's own noise around the coarse answer.
 COARSE = (2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, -3.0)  # 0.0: the carried threshold itself
 FINE = (0.24, 0.12, 0.06, 0.02, -0.02, -0.06, -0.12, -0.24)
-DEFAULT_SLOPE = 4.0  # before any measurement: at the top 1%, ln(100) ~ 4.6 for a Laplace tail, ~7.5 Gaussian, less for heavier tails
+# Before any measurement: at the top 1%, ln(100) ~ 4.6 for a Laplace tail, ~7.5 for a
+# Gaussian one, less for heavier tails.
+DEFAULT_SLOPE = 4.0
 SLOPE_RANGE = (0.25, 64.0)
 SAMPLE_HITS = 2048   # the sample holds ~this many of the k largest ...
 MAX_RATE = 64        # ... reading at least one cache line in 64

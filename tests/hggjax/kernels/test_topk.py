@@ -81,7 +81,6 @@ def test_largest_above_keeps_the_largest_that_pass(min_fast_n):
   assert float(cut) == a[idx].min()
 
 
-
 @pytest.mark.parametrize("kind", ["normal", "ties", "mostly_zero", "all_zero"])
 @pytest.mark.parametrize("n,k", [(1000, 10), (70_000, 700), (5000, 5000)])
 def test_lean_top_k_is_exact(kind, n, k):
