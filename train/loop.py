@@ -1,9 +1,9 @@
 """`train_and_evaluate`: the whole run, from config to summary.json, for any task.
 
 The task (`train/task.py`: image classification or language modelling, chosen by the
-config's class) supplies data, model, optimizer, loss, evaluation and the wording of the
-log; everything else here is shared: the mesh, the data-parallel step, the log and its
-rates, the non-finite stop, checkpoints, resume and the time breakdown.
+config's class in `train/tasks.py`) supplies data, model, optimizer, loss, evaluation and
+the wording of the log; everything else here is shared: the mesh, the data-parallel step,
+the log and its rates, the non-finite stop, checkpoints, resume and the time breakdown.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from train import progress
 from train import resume as resume_lib
 from train import steps
 from train import task as task_lib
+from train import tasks
 from train.config import Config, check_divisible
 from train.errors import NonFiniteError, UsageError
 
@@ -84,7 +85,7 @@ def train_and_evaluate(cfg: Config, *, argv: list[str] | None = None, resume: bo
     NonFiniteError: a non-finite loss or gradient with `on_nonfinite="stop"`; the run
       directory keeps the checkpoints from before it.
   """
-  task = task_lib.for_config(cfg, dataset)
+  task = tasks.for_config(cfg, dataset)
   n_dev = cfg.devices or default_device_count()
   if n_dev > jax.device_count():
     raise UsageError(f"--devices {n_dev}: only {jax.device_count()} devices available")

@@ -6,7 +6,7 @@ a `Task` supplies only what differs between image classification (`train/image_t
 `python -m train.cifar`) and language modelling (`train/lm/harness.py`, `python -m
 train.lm`): the data, the model, the optimizer around the compressor, the per-device loss,
 batches, evaluation, when to pause for evaluation and checkpoints, and what the log says.
-`for_config` picks the task by the config's class.
+`train/tasks.py` picks the task by the config's class; this module imports neither.
 """
 
 from __future__ import annotations
@@ -126,16 +126,4 @@ class Task:
 
   def describe_final(self, result: dict[str, Any], steps: int, train_s: float) -> str | None:
     raise NotImplementedError
-
-
-def for_config(cfg, data=None) -> Task:
-  """The task a config describes (by its class: `train.lm.config.LMConfig` is language
-  modelling, `train.config.Config` image classification); `data` is the loaded dataset
-  or corpus, loaded here when None."""
-  from train.lm.config import LMConfig  # pylint: disable=import-outside-toplevel
-  if isinstance(cfg, LMConfig):
-    from train.lm.harness import LMTask  # pylint: disable=import-outside-toplevel
-    return LMTask(cfg, data)
-  from train.image_task import ImageTask  # pylint: disable=import-outside-toplevel
-  return ImageTask(cfg, data)
 

@@ -185,9 +185,9 @@ def run_comparison(runs: list[Planned], log_root: str, *, command: str, dataset=
   os.makedirs(log_root, exist_ok=True)
   failed: dict[str, str] = {}
   if todo:
-    from train import task as task_lib  # pylint: disable=import-outside-toplevel
+    from train import tasks  # pylint: disable=import-outside-toplevel
     from train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
-    ds = dataset or task_lib.for_config(todo[0].config).data
+    ds = dataset or tasks.for_config(todo[0].config).data
   for run in runs:
     if run not in todo:
       print(f"[compare] skip {run.name}: finished earlier in {run.config.log_dir}", file=stream)
