@@ -20,6 +20,9 @@ from train.lm.presets import LM_MODEL_NAMES, lm_spec
 # equal to train.lm.data.LM_DATASETS.
 LM_DATASETS = ("stdlib", "tiny_shakespeare", "lm1b")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# The default warm-up is a tenth of the run up to this: the 1200-step default run warms up
+# over 100 steps, a 20-step try over 2.
+MAX_DEFAULT_WARMUP = 100
 # Where Adam's moments are computed (docs/lm.md, "Where Adam sits").
 ADAM_PLACEMENTS = ("auto", "before_compression", "after_exchange")
 
@@ -64,7 +67,9 @@ class LMConfig(Config):
   bpe_dir: str | None = _field(
       None, "directory with GPT-2's encoder.json and vocab.bpe: tokenize with its BPE "
       "(vocabulary 50257) instead of bytes (vocabulary 256)")
-  warmup_steps: int = _field(100, "linear learning-rate warm-up from 0")
+  warmup_steps: int | None = _field(
+      None, "linear learning-rate warm-up from 0, in steps below the run's (None: a tenth "
+      f"of the run, at most {MAX_DEFAULT_WARMUP})")
   lr_final: float = _field(0.1, "final learning rate as a share of --lr")
   b1: float = _field(0.9, "AdamW's first-moment decay")
   b2: float = _field(0.95, "AdamW's second-moment decay")
@@ -97,6 +102,18 @@ def adam_placement(cfg: LMConfig) -> str:
   if cfg.adam != "auto":
     return cfg.adam
   return "after_exchange" if cfg.compressor == "none" else "before_compression"
+
+
+def warmup_steps(cfg: LMConfig, total_steps: int) -> int:
+  """The warm-up of a run of `total_steps`: --warmup-steps, or a tenth of the run (at most
+  `MAX_DEFAULT_WARMUP`) when it is None; UsageError when an explicit one does not fit
+  (with --epochs the length is known only here)."""
+  if cfg.warmup_steps is None:
+    return min(MAX_DEFAULT_WARMUP, total_steps // 10)
+  if cfg.warmup_steps >= total_steps:
+    raise UsageError(f"--warmup-steps {cfg.warmup_steps} must be below the run's "
+                     f"{total_steps} steps")
+  return cfg.warmup_steps
 
 
 def override(cfg: LMConfig, values: dict[str, Any]) -> LMConfig:
@@ -138,9 +155,9 @@ def validate_lm(cfg: LMConfig, compressor_names, n_devices: int | None = None) -
                if not os.path.isfile(os.path.join(cfg.bpe_dir, f))]
     if missing:
       raise UsageError(f"--bpe-dir {cfg.bpe_dir}: missing {', '.join(missing)}")
-  if cfg.warmup_steps < 0:
+  if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
     raise UsageError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
-  if cfg.steps is not None and cfg.warmup_steps >= cfg.steps:
+  if cfg.steps is not None and cfg.warmup_steps is not None and cfg.warmup_steps >= cfg.steps:
     raise UsageError(f"--warmup-steps {cfg.warmup_steps} must be below --steps {cfg.steps}")
   for name in ("b1", "b2", "dropout"):
     if not 0.0 <= getattr(cfg, name) < 1.0:

@@ -9,6 +9,7 @@ numbers of a text run: tokens per second, bits per byte, the unigram baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ from train import optim
 from train.errors import UsageError
 from train.lm import data as lm_data
 from train.lm import task as lm_task
-from train.lm.config import LMConfig, adam_placement
+from train.lm.config import LMConfig, adam_placement, warmup_steps
 from train.lm.models import create_lm_model
 from train.lm.tokenizer import load_tokenizer
 from train.mesh import config_axes
@@ -81,12 +82,18 @@ class LMTask(Task):
     return create_lm_model(cfg.model, vocab_size=self.data.vocab_size, seed=cfg.seed,
                            dropout=cfg.dropout, dtype=dtype)
 
+  def _scheduled(self, total_steps: int) -> LMConfig:
+    """The config with the warm-up of a run of `total_steps` resolved to a number (the
+    default scales with the run), as `train.lm.task` reads it."""
+    return dataclasses.replace(self.cfg, warmup_steps=warmup_steps(self.cfg, total_steps))
+
   def make_optimizer(self, total_steps: int, axis_name: str | None) -> Optimizer:
-    return lm_task.lm_optimizer_parts(self.cfg, optim.make_compressor(self.cfg, axis_name),
+    return lm_task.lm_optimizer_parts(self._scheduled(total_steps),
+                                      optim.make_compressor(self.cfg, axis_name),
                                       total_steps, axis_name)
 
   def lr_schedule(self, total_steps: int) -> optax.Schedule:
-    return lm_task.lr_schedule(self.cfg, total_steps)
+    return lm_task.lr_schedule(self._scheduled(total_steps), total_steps)
 
   def loss(self, model, batch: tuple, step) -> tuple[Any, dict[str, Any]]:
     (tokens,) = batch

@@ -9,7 +9,7 @@ import pytest
 
 from train.config import Config
 from train.errors import UsageError
-from train.lm.config import LM_FIELDS, LMConfig, override, validate_lm
+from train.lm.config import LM_FIELDS, LMConfig, override, validate_lm, warmup_steps
 
 
 def test_default_is_valid_on_four_devices():
@@ -45,6 +45,22 @@ def test_extends_the_harness_config():
 def test_bad_input_is_one_usage_error(changes, message):
   with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
     validate_lm(dataclasses.replace(LMConfig(), **changes), hggjax.compressors, n_devices=4)
+
+
+@pytest.mark.parametrize("steps, expected", [(1, 0), (20, 2), (999, 99), (1200, 100),
+                                             (10**5, 100)])
+def test_default_warmup_scales_with_the_run(steps, expected):
+  cfg = LMConfig(steps=steps)
+  validate_lm(cfg, hggjax.compressors, n_devices=4)  # a short run is valid
+  assert warmup_steps(cfg, steps) == expected
+
+
+def test_explicit_warmup_is_kept_or_refused():
+  assert warmup_steps(LMConfig(warmup_steps=7), 20) == 7
+  assert warmup_steps(LMConfig(warmup_steps=0), 1) == 0
+  # With --epochs the length is known only once the corpus is: refused there, not cut.
+  with pytest.raises(UsageError, match="--warmup-steps 20 must be below the run's 20 steps"):
+    warmup_steps(LMConfig(steps=None, warmup_steps=20), 20)
 
 
 def test_lstm_takes_any_sequence_length():

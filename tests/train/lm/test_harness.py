@@ -10,6 +10,7 @@ import os
 import hggjax
 import jax
 import numpy as np
+import optax
 import pytest
 
 from train import checkpoint, cli, logs, steps
@@ -28,6 +29,28 @@ LM_TRAIN_KEYS = {"kind", "step", "epoch", "loss", "accuracy", "bits_per_byte", "
                  "threshold_leaf"}
 LM_EVAL_KEYS = {"kind", "step", "epoch", "valid_loss", "valid_perplexity",
                 "valid_bits_per_token", "valid_bits_per_byte", "valid_accuracy"}
+
+
+def test_a_short_run_runs_with_the_default_warmup(lm_cli, tmp_path, capsys):
+  flags = [f for f in lm_cli if f not in ("--warmup-steps", "1")]
+  assert len(flags) == len(lm_cli) - 2
+  flags[flags.index("--steps") + 1] = "20"
+  assert cli.main([*flags, "--eval-every", "20", "--log-every", "10", "--no-checkpoint",
+                   "--log-dir", str(tmp_path / "run")], program=cli.LM) == 0
+  lines = [e for e in _lines(str(tmp_path / "run")) if e["kind"] == "train"]
+  # Warm-up over 2 steps (a tenth of the run), then cosine decay to a tenth of the peak.
+  assert [e["step"] for e in lines] == [10, 20]
+  expected = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 2, 20, end_value=2e-4)(9)
+  assert lines[0]["lr"] == pytest.approx(float(expected), rel=1e-5)
+  assert "final validation loss" in capsys.readouterr().out
+
+
+def test_an_explicit_warmup_longer_than_the_run_is_one_line(lm_cli, tmp_path, capsys):
+  flags = list(lm_cli)
+  flags[flags.index("--warmup-steps") + 1] = "30"
+  flags[flags.index("--steps") + 1] = "20"
+  assert cli.main([*flags, "--log-dir", str(tmp_path / "run")], program=cli.LM) == 2
+  assert capsys.readouterr().err == "error: --warmup-steps 30 must be below --steps 20\n"
 
 
 def _lines(log_dir):
