@@ -8,7 +8,8 @@
 Per row (a compressor on one float32 leaf of n elements, or on the ResNet-18 CIFAR
 parameter shapes, at one density, momentum and axis):
 
-- ``update``: ``jax.jit(tx.update)`` with the state donated, as a train step runs it;
+- ``update``: ``jax.jit(tx.update)`` with the state donated, as a train step runs it
+  (``--no-donate``: as a loop that does not donate it runs it, a fresh state each call);
   the updates it returns are a fresh buffer (the dense output every optax transform
   writes).
 - ``in_step``: the same update followed by ``optax.apply_updates`` into donated
@@ -25,8 +26,8 @@ parameter shapes, at one density, momentum and axis):
   buffers beyond the state and its output; ``faults``: the 4 KiB pages the kernel
   mapped in per update call (``getrusage`` minor faults), in n-sized float32 buffers.
 - ``--malloc``: ``reuse`` (default) keeps freed host memory in the process as the
-  training harness does (``train/host_memory.py``); ``system`` leaves glibc's
-  defaults, which return blocks of 32 MB and more to the kernel after each call.
+  training harness does (``hggjax.cpu_host.reuse_freed_memory``); ``system`` leaves
+  glibc's defaults, which return blocks of 32 MB and more to the kernel after each call.
 
 Every time is the median of ``--reps`` calls, the compared functions interleaved
 call by call so that load on a shared machine hits them alike; each call ends in
@@ -45,7 +46,7 @@ import statistics
 import sys
 import time
 
-from train import host_memory
+from hggjax import cpu_host
 
 ARGS = None  # parsed before JAX starts: the fake CPU device count must come first
 
@@ -65,9 +66,12 @@ def _parse(argv):
   p.add_argument("--topk-reps", type=int, default=3, help="timed lax.top_k calls")
   p.add_argument("--out", default="benchmarks/results/update.json")
   p.add_argument("--render", metavar="JSON", help="print the table of a saved run and exit")
+  p.add_argument("--donate", action=argparse.BooleanOptionalAction, default=True,
+                 help="donate the state (and parameters) to the jitted update and step, "
+                 "as the training harness does; --no-donate: a plain jax.jit")
   p.add_argument("--malloc", choices=("reuse", "system"), default="reuse",
                  help="reuse: keep freed host memory for the next call, as the training "
-                 "harness does (train/host_memory.py); system: glibc's defaults")
+                 "harness does (hggjax.cpu_host.reuse_freed_memory); system: glibc's defaults")
   return p.parse_args(argv)
 
 
@@ -183,7 +187,7 @@ def run(args):
                        floor_ms=refs["floor"], topk_ms=refs["lax.top_k"])
             if axis == "none":
               row.update(_time_local(jax, jnp, optax, build(name, pipeline, density, momentum, None),
-                                     gs, args.reps))
+                                     gs, args.reps, args.donate))
               if one_leaf and name != "none":
                 sel = _selector_for(selectors, name, pipeline)
                 row["selector_ms"] = _time_selector(jax, jnp, sel, hggjax, build(
@@ -196,7 +200,7 @@ def run(args):
             else:
               row.update(_time_sharded(jax, jnp, P, NamedSharding, hggjax,
                                        build(name, pipeline, density, momentum, "data"), gs,
-                                       devices, args.reps))
+                                       devices, args.reps, args.donate))
             rows.append(row)
             print(_format(row), flush=True)
   return rows
@@ -214,18 +218,18 @@ def _selector_for(selectors, name, pipeline):
   }[name]()
 
 
-def _time_local(jax, jnp, optax, tx, gs, reps):
+def _time_local(jax, jnp, optax, tx, gs, reps, donate=True):
   """update / in_step / apply medians and the compiled update's memory."""
   params = jax.tree.map(jnp.zeros_like, gs[0])
   state = tx.init(params)
-  update = jax.jit(lambda g, s: tx.update(g, s)[::-1], donate_argnums=(1,))
+  update = jax.jit(lambda g, s: tx.update(g, s)[::-1], donate_argnums=(1,) if donate else ())
 
   def step(p, s, g):
     u, s = tx.update(g, s)
     return optax.apply_updates(p, u), s
 
-  in_step = jax.jit(step, donate_argnums=(0, 1))
-  apply = jax.jit(lambda p, g: optax.apply_updates(p, g), donate_argnums=(0,))
+  in_step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  apply = jax.jit(lambda p, g: optax.apply_updates(p, g), donate_argnums=(0,) if donate else ())
   compiled = update.lower(gs[0], state).compile()
   memory = compiled.memory_analysis()
   counter = {"i": 0}
@@ -298,7 +302,7 @@ def _breakdown(jax, jnp, ef, exchange, transform, tx, sel_fn, gs, reps):
   return t
 
 
-def _time_sharded(jax, jnp, P, NamedSharding, hggjax, tx, gs, devices, reps):
+def _time_sharded(jax, jnp, P, NamedSharding, hggjax, tx, gs, devices, reps, donate=True):
   mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
   params = jax.tree.map(jnp.zeros_like, gs[0])
   state = hggjax.shard_state(tx.init(params), mesh, "data")
@@ -307,7 +311,7 @@ def _time_sharded(jax, jnp, P, NamedSharding, hggjax, tx, gs, devices, reps):
   stacked = [jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * devices), g), sharding)
              for g in gs]
 
-  @functools.partial(jax.jit, donate_argnums=(1,))
+  @functools.partial(jax.jit, donate_argnums=(1,) if donate else ())
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), specs),
                      out_specs=(specs, P()))
   def update(g, s):
@@ -370,10 +374,11 @@ def main(argv=None):
     print(table(saved["rows"]))
     return 0
   start = time.perf_counter()
-  reused = args.malloc == "reuse" and host_memory.reuse_freed_memory()  # before JAX starts
+  reused = args.malloc == "reuse" and cpu_host.reuse_freed_memory()  # before JAX starts
   rows = run(args)
   info = machine()
   info["malloc"] = "reuse" if reused else "system"
+  info["donate"] = args.donate
   info["wall_s"] = time.perf_counter() - start
   print()
   print(table(rows))

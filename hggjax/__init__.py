@@ -9,6 +9,7 @@ elements per leaf, ``all_gather``s their values and int32 indices, and returns
 the mean over devices; the residual stays in the state.
 """
 
+from hggjax import cpu_host
 from hggjax.dense import dense_mean
 from hggjax.error_feedback import accumulated
 from hggjax.payload import Payload, Selection
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressionState", "CompressionStats", "ERROR_FEEDBACK", "Options", "Payload",
-    "PerDeviceState", "per_device",
+    "PerDeviceState", "cpu_host", "per_device",
     "Selection", "Selector", "accumulated", "compression_state", "compressors",
     "dense_mean", "dgcsampling", "gaussian", "gaussian2", "get_compressor", "hggtopk",
     "none", "randomk", "randomkec", "redsync", "redsynctrim", "shard_state", "sparsify",

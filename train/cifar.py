@@ -2,9 +2,9 @@
 
 import sys
 
-from train import host_memory
+import hggjax
 from train.cli import main
 
 if __name__ == "__main__":
-  host_memory.reuse_freed_memory()  # before JAX's threads take their malloc arenas
+  hggjax.cpu_host.reuse_freed_memory()  # before XLA's threads take their malloc arenas
   sys.exit(main())

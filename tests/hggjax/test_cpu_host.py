@@ -1,4 +1,5 @@
-"""Freed host memory stays in the process, so XLA:CPU's next call does not fault it in."""
+"""hggjax.cpu_host: freed host memory stays in the process, so XLA:CPU's next call does not
+fault it in."""
 
 import os
 import platform
@@ -10,11 +11,11 @@ import pytest
 
 _PROGRAM = textwrap.dedent("""
     import resource, sys
-    from train import host_memory
-    if sys.argv[1] == "reuse":
-      assert host_memory.reuse_freed_memory()
+    import hggjax  # JAX imported first, as in a user's script
     import jax
     import jax.numpy as jnp
+    if sys.argv[1] == "reuse":
+      assert hggjax.cpu_host.reuse_freed_memory()
     def faults():
       return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     n = 64 * 2**20 // 4  # 64 MiB of float32, above glibc's largest mmap threshold
