@@ -1,8 +1,9 @@
 """Datasets as in-memory numpy arrays, plus deterministic batching and augmentation.
 
-Sources: Fashion-MNIST from the Debian package's IDX files (offline default), CIFAR-10/100
-through tensorflow-datasets or from the standard archive, and a synthetic source for
-tests. TensorFlow / TFDS are imported only on the CIFAR path.
+Sources: Fashion-MNIST from the Debian package's IDX files (offline default) or a prepared
+tensorflow-datasets directory, CIFAR-10/100 through tensorflow-datasets or from the
+standard archive, and a synthetic source for tests. TensorFlow / TFDS are imported only
+where a TFDS directory is read.
 
 Batches depend only on (seed, step): the epoch's permutation comes from (seed, epoch) and
 each batch's augmentation from (seed, step), so a resumed run sees exactly the batches
@@ -58,7 +59,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, synthetic_size: int 
                  synthetic_shape=(28, 28, 1)) -> Dataset:
   """Loads a dataset by name; raises UsageError with what to do when data is missing."""
   if name == "fashion_mnist":
-    return _load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
+    return _load_fashion_mnist(data_dir)
   if name in ("cifar10", "cifar100"):
     return _load_cifar(name, data_dir)
   if name == "synthetic":
@@ -109,6 +110,12 @@ def _read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
+# What to do without the Debian package.
+_FMNIST_ELSE = ("pass --data-dir DIR holding train-images-idx3-ubyte.gz and the three other "
+                "IDX files of https://github.com/zalandoresearch/fashion-mnist, or a "
+                "tensorflow-datasets directory with fashion_mnist prepared")
+
+
 def _find(directory: str, stem: str) -> str | None:
   for name in (stem + ".gz", stem):
     if os.path.exists(os.path.join(directory, name)):
@@ -116,14 +123,19 @@ def _find(directory: str, stem: str) -> str | None:
   return None
 
 
-def _load_fashion_mnist(directory: str) -> Dataset:
+def _load_fashion_mnist(data_dir: str | None) -> Dataset:
+  """IDX files in --data-dir (default: the Debian package's directory), else a prepared
+  TFDS directory (--data-dir, else TFDS's default) holding fashion_mnist/."""
+  directory = data_dir or FASHION_MNIST_DIR
   paths = [_find(directory, s) for s in _FMNIST_FILES]
   if None in paths:
+    if os.path.isdir(os.path.join(_tfds_dir(data_dir), "fashion_mnist")):
+      return _load_tfds("fashion_mnist", data_dir, 10, _FMNIST_ELSE)
+    tfds_dir = os.path.join(_tfds_dir(data_dir), "fashion_mnist")
     raise UsageError(
-        f"Fashion-MNIST not found in {directory}: install it with "
-        "'apt-get install -y dataset-fashion-mnist' (files under "
-        f"{FASHION_MNIST_DIR}) or pass --data-dir DIR holding "
-        "train-images-idx3-ubyte.gz and the three other IDX files")
+        f"Fashion-MNIST not found in {directory} nor {tfds_dir}: on Debian/Ubuntu "
+        f"'apt-get install -y dataset-fashion-mnist' (what bash .ci/setup does), elsewhere "
+        f"{_FMNIST_ELSE}")
   xtr, ytr, xte, yte = (_read_idx(p) for p in paths)
   for images, labels, path in ((xtr, ytr, paths[0]), (xte, yte, paths[2])):
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -173,7 +185,7 @@ def _load_cifar(name: str, data_dir: str | None) -> Dataset:
   if (not os.path.isdir(os.path.join(_tfds_dir(data_dir), name))
       and importlib.util.find_spec("tensorflow") is None):
     raise _missing_cifar(name, data_dir)
-  return _load_cifar_tfds(name, data_dir, num_classes)
+  return _load_tfds(name, data_dir, num_classes, _cifar_else(name))
 
 
 def _split_of(base: str) -> str | None:
@@ -279,8 +291,13 @@ def _quiet_tfds():
     logger.setLevel(level)
 
 
-def _load_cifar_tfds(name: str, data_dir: str | None, num_classes: int) -> Dataset:
-  """A prepared TFDS directory (`<dir>/<name>/` exists)."""
+def _cifar_else(name: str) -> str:
+  return f"pass --data-dir with the {_CIFAR_ARCHIVES[name][0]} archive from {_CIFAR_URL}"
+
+
+def _load_tfds(name: str, data_dir: str | None, num_classes: int, otherwise: str) -> Dataset:
+  """A prepared TFDS directory (`<dir>/<name>/` exists); `otherwise` says in an error
+  what else the user can pass."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -295,14 +312,15 @@ def _load_cifar_tfds(name: str, data_dir: str | None, num_classes: int) -> Datas
         splits[split] = _from_data_source(tfds.data_source(name, split=split,
                                                            data_dir=data_dir, download=False))
   except Exception as err:  # noqa: BLE001 - TFDS raises many kinds for "not prepared"
-    splits = _tfds_load_with_tf(tfds, name, data_dir, err)
+    splits = _tfds_load_with_tf(tfds, name, data_dir, err, otherwise)
   (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
   return Dataset(name, xtr, ytr, xte, yte, num_classes)
 
 
 def _from_data_source(source) -> tuple[np.ndarray, np.ndarray]:
   n = len(source)
-  images = np.empty((n, 32, 32, 3), np.uint8)
+  first = source[0] if n else {"image": np.zeros((0,), np.uint8)}
+  images = np.empty((n, *np.shape(first["image"])), np.uint8)
   labels = np.empty((n,), np.int32)
   for i in range(n):
     ex = source[i]
@@ -310,15 +328,15 @@ def _from_data_source(source) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def _tfds_load_with_tf(tfds, name: str, data_dir: str | None, first_error: Exception):
+def _tfds_load_with_tf(tfds, name: str, data_dir: str | None, first_error: Exception,
+                       otherwise: str):
   """tfrecord-prepared directories go through tf.data (needs tensorflow)."""
   where = f"{_tfds_dir(data_dir)}/{name}"
   try:
     import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     raise UsageError(f"{where} holds no array_record data ({type(first_error).__name__}); "
-                     "tfrecord data needs 'pip install tensorflow', or pass --data-dir with "
-                     f"the {_CIFAR_ARCHIVES[name][0]} archive from {_CIFAR_URL}") from None
+                     f"tfrecord data needs 'pip install tensorflow', or {otherwise}") from None
   download = _network_reachable()
   try:
     out = {}
@@ -331,9 +349,8 @@ def _tfds_load_with_tf(tfds, name: str, data_dir: str | None, first_error: Excep
   except Exception as err:  # noqa: BLE001
     if not os.path.isdir(where):
       raise _missing_cifar(name, data_dir) from None
-    raise UsageError(f"{where} could not be read by TFDS ({type(err).__name__}); pass "
-                     f"--data-dir with the {_CIFAR_ARCHIVES[name][0]} archive from "
-                     f"{_CIFAR_URL}") from None
+    raise UsageError(f"{where} could not be read by TFDS ({type(err).__name__}); "
+                     f"{otherwise}") from None
 
 
 # --- batching and augmentation -----------------------------------------------------------

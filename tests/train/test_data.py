@@ -172,6 +172,34 @@ def test_missing_cifar_says_only_what_to_do(tmp_path, monkeypatch, caplog, data_
   assert not caplog.records
 
 
+def test_missing_fashion_mnist_says_what_to_do_in_one_line(tmp_path, monkeypatch, capsys):
+  """Without the Debian package (another distribution, macOS) and no TFDS copy."""
+  from train import cli  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  assert cli.main(["--steps", "1", "--devices", "1", "--log-dir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: Fashion-MNIST not found in "), err
+  assert "apt-get install -y dataset-fashion-mnist" in err and "--data-dir DIR" in err
+  assert "fashion_mnist prepared" in err
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_fashion_mnist_through_tfds_mock_data(tmp_path, monkeypatch, given):
+  """A prepared TFDS fashion_mnist is read where the IDX files are missing: in --data-dir,
+  or in TFDS's default directory."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  (tmp_path / "fashion_mnist").mkdir()  # what a prepared TFDS directory holds
+  with tfds.testing.mock_data(num_examples=12):
+    ds = data.load_dataset("fashion_mnist", str(tmp_path) if given else None)
+  assert ds.name == "fashion_mnist" and ds.num_classes == 10
+  assert ds.train_images.shape == (12, 28, 28, 1) and ds.train_images.dtype == np.uint8
+  assert ds.test_labels.shape == (12,) and 0 <= ds.train_labels.min() <= ds.train_labels.max() < 10
+
+
 def test_cifar_through_tfds_mock_data(tmp_path):
   """The TFDS path without network: tfds.testing.mock_data behind `data_source`."""
   tfds = pytest.importorskip("tensorflow_datasets")
