@@ -175,8 +175,8 @@ def tcmalloc(choice: str) -> str | None:
 
   XLA:CPU allocates each step's large temporaries (the gradient, the dense update) with
   malloc; glibc maps blocks that size fresh every call and the kernel zeroes and faults
-  in their pages, tcmalloc reuses them: the bag model's "none" step measured 86 -> 60 ms on
-  one core (`benchmarks.step_local`, docs/multihost.md). apt package: libtcmalloc-minimal4.
+  in their pages, tcmalloc reuses them (`benchmarks.step_local` under either allocator
+  shows the difference; docs/multihost.md). apt package: libtcmalloc-minimal4.
   """
   if choice == "glibc":
     return None
