@@ -7,8 +7,16 @@ Every compressor is an optax transformation::
 Inside ``jax.shard_map`` or ``jax.pmap`` over "data", the update selects k
 elements per leaf, ``all_gather``s their values and int32 indices, and returns
 the mean over devices; the residual stays in the state.
+
+For Adam(W), `hggjax.adamw` puts the compressor where it belongs (Adam's moments
+before it, on each device)::
+
+    tx = hggjax.adamw(lr, compressor="hggtopk", density=0.01, axis_name="data")
 """
 
+from hggjax.compressed_adam import (AdamState, ChainParts, adam_moments, adamw, adamw_parts,
+                                    scheduled_weight_decay)
+from hggjax.chunked_dct import block_dct, dct, inverse_dct
 from hggjax import cpu_host
 from hggjax.dense import dense_mean
 from hggjax.error_feedback import accumulated
@@ -39,6 +47,8 @@ from hggjax.transform import sparsify
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamState", "ChainParts", "adam_moments", "adamw", "adamw_parts", "block_dct", "dct",
+    "inverse_dct", "scheduled_weight_decay",
     "CompressionState", "CompressionStats", "ERROR_FEEDBACK", "Options", "Payload",
     "PerDeviceState", "cpu_host", "per_device",
     "Selection", "Selector", "accumulated", "compression_state", "compressors",

@@ -3,7 +3,7 @@
 Per compressed leaf and step (Step 1 and Step 4 of `hggjax.sparsify`):
 
     velocity' = momentum * velocity + g        (momentum correction, when momentum > 0)
-    acc       = (velocity' or g) + residual     (float32)
+    acc       = (velocity' or g) + decay * residual   (float32; decay 1 unless set)
     residual' = acc - sent                      (sent in the wire dtype, widened back)
 
 so ``acc == sent + residual'`` holds bit for bit: nothing is lost, only delayed.
@@ -65,7 +65,7 @@ def momentum_step(leaves: Sequence[Any], velocity, floating: Sequence[int], mome
 
 
 def accumulate(grads, groups: Sequence[Sequence[int]], stored, local, in_place: bool,
-               ok: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+               ok: jax.Array, decay: float = 1.0) -> tuple[jax.Array, jax.Array | None]:
   """Step 1: (acc float32[m, n], one row per group; acc in the stored residual's shape or None).
 
   `stored` is the residual tuple as the caller passed it (with the device axis),
@@ -73,13 +73,15 @@ def accumulate(grads, groups: Sequence[Sequence[int]], stored, local, in_place: 
   group of one leaf, error feedback on) acc is formed in the stored residual's own
   shape so that Step 4 can scatter into it and XLA writes the new residual into
   the old one's buffer when the caller donates the state. When not `ok` acc is the
-  residual as it was (Step 3 then sends nothing, so Step 4 keeps it).
+  residual as it was (Step 3 then sends nothing, so Step 4 keeps it). `decay` < 1
+  (``residual_decay``) shrinks the residual before the gradient is added: the
+  residual is then a momentum buffer that what was sent has left (DeMo).
   """
 
   def add(g, r):
     if r is None:  # no error feedback: what a skipped step selects is never sent
       return g
-    return jnp.where(ok, saturate(g + r), r)
+    return jnp.where(ok, saturate(g + (r if decay == 1.0 else decay * r)), r)
 
   if in_place:
     (leaf,), = groups
@@ -135,14 +137,15 @@ def keep(x: jax.Array, kept: jax.Array | None, indices: jax.Array, values: jax.A
   return x.at[row, indices].add(-values.astype(jnp.float32), mode="drop")
 
 
-def accumulated(updates: Any, opt_state: Any, *, momentum: float = 0.0) -> Any:
+def accumulated(updates: Any, opt_state: Any, *, momentum: float = 0.0,
+                residual_decay: float = 1.0) -> Any:
   """What the compressor in `opt_state` selects from when given `updates`.
 
-  Per floating leaf, float32 ``momentum * velocity + updates + residual`` (the
+  Per floating leaf, float32 ``momentum * velocity + updates + decay * residual`` (the
   velocity and residual terms only where the state keeps them), in the leaf's
   shape, computed in the same order as the update itself, so it is bit for bit the
   vector the selector sees. Other leaves come back as they are. Pass the
-  compressor's own `momentum`; call it where the update would run (under
+  compressor's own `momentum` and `residual_decay`; call it where the update would run (under
   ``shard_map`` the state holds this device's slice).
 
   Args:
@@ -150,6 +153,7 @@ def accumulated(updates: Any, opt_state: Any, *, momentum: float = 0.0) -> Any:
       transformation chained before it).
     opt_state: a `CompressionState`, or an optimizer state holding one.
     momentum: the compressor's momentum (0 without momentum correction).
+    residual_decay: the compressor's (1 unless it was built with one).
 
   Example:
     >>> import jax.numpy as jnp, hggjax
@@ -177,6 +181,6 @@ def accumulated(updates: Any, opt_state: Any, *, momentum: float = 0.0) -> Any:
     if momentum and v is not None:
       acc = saturate(momentum * v + acc)
     if r is not None:
-      acc = saturate(acc + r)
+      acc = saturate(acc + (r if residual_decay == 1.0 else residual_decay * r))
     out.append(acc)
   return jax.tree.unflatten(treedef, out)

@@ -41,6 +41,11 @@ Options shared by every constructor (`Options`):
     Momentum then acts before sparsification, as dense momentum SGD would, instead
     of on the sparse mean (where coordinates sent rarely get little of it). With
     density 1 it is exactly ``optax.sgd(lr, momentum=m)``.
+  residual_decay: in (0, 1], default 1 (plain error feedback). Below 1 each step
+    first shrinks the residual, acc = g + residual_decay * residual: the residual is
+    then a momentum buffer that what was sent leaves, as in DeMo (Peng et al.),
+    where it replaces the optimizer's momentum (`hggjax.adamw(method="demo")`).
+    Needs error feedback.
 
 Integer and boolean leaves pass through untouched (their gradients carry no
 information: JAX gives them float0 or zeros). Floating leaves of any width work:
@@ -74,6 +79,7 @@ class Options(TypedDict, total=False):
   min_size: int
   key: jax.Array | int
   momentum: float
+  residual_decay: float
 
 
 def _options(options: Options) -> dict:
@@ -94,16 +100,20 @@ def _options(options: Options) -> dict:
       min_size=validate.int_at_least("min_size", options.get("min_size", 0), 0),
       key=validate.key(options.get("key", 0)),
       momentum=validate.momentum(options.get("momentum", 0.0)),
+      residual_decay=validate.in_unit_interval(
+          "residual_decay", options.get("residual_decay", 1.0)),
   )
 
 
 def _build(selector: Selector, density, error_feedback, options: Options):
-  return sparsify(
-      selector,
-      validate.density(density),
-      error_feedback=validate.boolean("error_feedback", error_feedback),
-      **_options(options),
-  )
+  shared = _options(options)
+  error_feedback = validate.boolean("error_feedback", error_feedback)
+  if shared["residual_decay"] != 1.0 and not error_feedback:
+    raise ValueError(
+        "residual_decay shrinks the error-feedback residual, and this compressor keeps "
+        "none: pass error_feedback=True, or leave residual_decay at 1.")
+  return sparsify(selector, validate.density(density), error_feedback=error_feedback,
+                  **shared)
 
 
 def none(density: float | None = None, **options: Unpack[Options]) -> optax.GradientTransformationExtraArgs:
@@ -111,7 +121,8 @@ def none(density: float | None = None, **options: Unpack[Options]) -> optax.Grad
 
   Args:
     density: accepted so that every name takes the same arguments; unused.
-    **options: see `Options`; `scope`, `min_size` and `exchange` do not apply.
+    **options: see `Options`; `scope`, `min_size`, `exchange` and `residual_decay`
+      do not apply (nothing is left behind).
   """
   if density is not None:
     validate.density(density)

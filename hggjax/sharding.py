@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hggjax import exchange
+from hggjax.compressed_adam import AdamState
 from hggjax import state as state_lib
 from hggjax import validate
 from hggjax.per_device import PerDeviceState
@@ -112,9 +113,11 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   group), ``history_hits`` (groups where hggtopk selected from what the previous
   step left), ``groups``, ``sent_bytes`` and ``received_bytes`` (this device's own
   data put on the wire, other devices' data arriving; `hggjax.exchange.traffic`)
-  and ``dense_bytes`` (a dense exchange's payload). With a device axis each value
-  has a leading axis of length P: reduce it yourself (e.g. sum ``sent_bytes`` for
-  the whole wire).
+  and ``dense_bytes`` (a dense exchange's payload); ``refresh_bytes``: the bytes
+  this device has sent so far, over the whole run, refreshing `hggjax.adamw`'s shared
+  second moment (0 without one; add ``refresh_bytes / steps`` to ``sent_bytes`` for
+  the run's mean per step). With a device axis each value has a leading axis of
+  length P: reduce it yourself (e.g. sum ``sent_bytes`` for the whole wire).
   """
   s = state_lib.find(opt_state).stats
   return {
@@ -128,4 +131,18 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       "received_bytes": s.received_bytes,
       "dense_bytes": s.dense_bytes,
       "nonfinite": s.nonfinite,
+      "refresh_bytes": _refresh_bytes(opt_state, s.sent_bytes),
   }
+
+
+def _refresh_bytes(opt_state: Any, like: jax.Array) -> jax.Array:
+  """float32, `like`'s shape: refreshes so far x the bytes of one dense second moment."""
+  is_adam = lambda x: isinstance(x, AdamState)  # noqa: E731
+  total = jnp.zeros(jnp.shape(like), jnp.float32)
+  for st in (x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)):
+    if st.shared_nu is None:
+      continue
+    per_refresh = sum(int(np.prod(np.shape(v)[1 if np.ndim(st.count) else 0:])) * 4
+                      for v in jax.tree.leaves(st.shared_nu))
+    total = total + st.refreshes.astype(jnp.float32) * float(per_refresh)
+  return total

@@ -266,6 +266,7 @@ def sparsify(
     min_size: int = 0,
     key: jax.Array | int = 0,
     momentum: float = 0.0,
+    residual_decay: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Compress gradients with `selector`, exchange them, and keep the residual.
 
@@ -289,6 +290,9 @@ def sparsify(
     momentum: momentum correction (Lin et al. 2018, DGC): each device keeps its
       own velocity u = momentum * u + g and compresses u (plus the residual)
       instead of g; chain a plain ``optax.sgd(lr)`` after it. 0 disables it.
+    residual_decay: acc = g + residual_decay * residual. 1 is plain error feedback;
+      below 1 the residual is a momentum buffer that sent values leave (DeMo, Peng
+      et al.: the compressor then carries the momentum itself).
 
   The update takes one optional keyword, ``device_index``: with ``axis_name=None``
   it makes the update behave as device i of a data-parallel group would (the
@@ -352,7 +356,8 @@ def sparsify(
       # Step 1: acc = g + residual, one float32 row per group.
       in_place = (error_feedback and len(groups) == 1 and len(groups[0]) == 1
                   and stored[groups[0][0]].ndim > 0)
-      x, kept = ef.accumulate(grads, groups, stored, state.residual, in_place, ok)
+      x, kept = ef.accumulate(grads, groups, stored, state.residual, in_place, ok,
+                                    residual_decay)
       # Step 2: k positions per row.
       keys = jnp.stack([jax.random.fold_in(key, g) for g in bucket])
       sel, carry = select_rows(selector, x, k, carry, ids, keys, ok)
