@@ -27,6 +27,18 @@ def compressor_momentum(cfg: Config) -> float:
   return cfg.momentum if cfg.momentum_correction else 0.0
 
 
+def compressor_options(cfg: Config, axis_name) -> dict:
+  """The options of the compressor `cfg` names (`hggjax.get_compressor`'s keywords but the
+  name), exchanging over `axis_name`."""
+  options = {"density": cfg.density, "axis_name": axis_name, "min_size": cfg.min_size,
+             "exchange": cfg.exchange}
+  if cfg.momentum_correction:
+    options["momentum"] = cfg.momentum
+  if cfg.use_pipeline:
+    options["pipeline"] = True
+  return options
+
+
 def make_compressor(cfg: Config, axis_name) -> optax.GradientTransformation:
   """The hggjax compressor `cfg` names, exchanging over `axis_name` (None: local only;
   a (slow, fast) pair for a two-level mesh).
@@ -38,13 +50,7 @@ def make_compressor(cfg: Config, axis_name) -> optax.GradientTransformation:
     ValueError, TypeError: hggjax rejects the options (e.g. `use_pipeline` with a
       compressor other than hggtopk), with a message saying why.
   """
-  options = {"density": cfg.density, "axis_name": axis_name, "min_size": cfg.min_size,
-             "exchange": cfg.exchange}
-  if cfg.momentum_correction:
-    options["momentum"] = cfg.momentum
-  if cfg.use_pipeline:
-    options["pipeline"] = True
-  return hggjax.get_compressor(cfg.compressor, **options)
+  return hggjax.get_compressor(cfg.compressor, **compressor_options(cfg, axis_name))
 
 
 def before_compressor(cfg: Config) -> optax.GradientTransformation:

@@ -25,6 +25,11 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 MAX_DEFAULT_WARMUP = 100
 # Where Adam's moments are computed (docs/lm.md, "Where Adam sits").
 ADAM_PLACEMENTS = ("auto", "before_compression", "after_exchange")
+# hggjax.adamw's mechanisms (kept here as names so the CLI checks them without JAX;
+# a test keeps them equal to hggjax.adamw's).
+METHODS = ("adam", "demo")
+SECOND_MOMENTS = ("local", "shared")
+BASES = ("none", "dct")
 
 
 def _field(default: Any, doc: str) -> Any:
@@ -79,6 +84,21 @@ class LMConfig(Config):
       "own gradient; the compressor sends Adam's steps, error feedback keeps what it did "
       "not send), after_exchange (standard AdamW on the exchanged mean), or auto: "
       "before_compression with a compressor, after_exchange with none (docs/lm.md)")
+  method: str = _field(
+      "adam", "with Adam before the compressor (hggjax.adamw): adam (Adam's step per "
+      "device, compressed with error feedback) or demo (DeMo: the residual is the "
+      "momentum, the step the sign of the exchanged mean)")
+  second_moment: str = _field(
+      "local", "local (each device's own) or shared (the devices' mean, refreshed by a "
+      "dense mean after steps 1, 2, 4, ... up to --refresh-every, then every "
+      "--refresh-every steps: 0/1 Adam)")
+  refresh_every: int = _field(64, "the longest interval between refreshes of a shared "
+                              "second moment")
+  freeze_after: int | None = _field(None, "no refresh of a shared second moment from this "
+                                    "step on (1-bit Adam's frozen variance; None: never "
+                                    "frozen)")
+  basis: str = _field("none", "none, or dct: select in chunked DCT-II coefficients (DeMo)")
+  dct_chunk: int = _field(64, "the DCT's largest block length along an axis")
   clip_norm: float = _field(1.0, "clip gradients to this global L2 norm (0: no clipping)")
   clip_after_exchange: bool = _field(
       False, "clip the exchanged mean instead of each device's gradient before the "
@@ -138,6 +158,27 @@ def validate_lm(cfg: LMConfig, compressor_names, n_devices: int | None = None) -
                      "leave it off")
   if cfg.adam not in ADAM_PLACEMENTS:
     raise UsageError(f"--adam must be one of {', '.join(ADAM_PLACEMENTS)}, got {cfg.adam!r}")
+  for name, allowed in (("method", METHODS), ("second_moment", SECOND_MOMENTS),
+                        ("basis", BASES)):
+    if getattr(cfg, name) not in allowed:
+      raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                       f"got {getattr(cfg, name)!r}")
+  chosen = [f"--{flag} {getattr(cfg, name)}" for name, flag, default in (
+      ("method", "method", "adam"), ("second_moment", "second-moment", "local"),
+      ("basis", "basis", "none")) if getattr(cfg, name) != default]
+  if chosen and (adam_placement(cfg) != "before_compression" or cfg.compressor == "none"):
+    raise UsageError(f"{' '.join(chosen)} shapes what the compressor sends: it needs a "
+                     "compressor and Adam before it (--adam before_compression or auto)")
+  if cfg.method == "demo" and cfg.second_moment != "local":
+    raise UsageError("--method demo keeps no second moment: leave --second-moment local")
+  if cfg.method == "demo" and cfg.b1 == 0:
+    raise UsageError("--method demo keeps its momentum in the residual, decayed by --b1: "
+                     "--b1 must be above 0")
+  if cfg.refresh_every < 1 or cfg.dct_chunk < 1 or cfg.dct_chunk > 4096:
+    raise UsageError("--refresh-every must be >= 1 and --dct-chunk in [1, 4096], got "
+                     f"{cfg.refresh_every} and {cfg.dct_chunk}")
+  if cfg.freeze_after is not None and cfg.freeze_after < 1:
+    raise UsageError(f"--freeze-after must be >= 1, got {cfg.freeze_after}")
   if cfg.clip_after_exchange and adam_placement(cfg) == "before_compression":
     raise UsageError("--clip-after-exchange clips the gradient before Adam, which needs "
                      "--adam after_exchange; with Adam before the compressor each device "

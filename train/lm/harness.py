@@ -22,7 +22,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from train import optim
 from train.errors import UsageError
 from train.lm import data as lm_data
 from train.lm import task as lm_task
@@ -88,9 +87,8 @@ class LMTask(Task):
     return dataclasses.replace(self.cfg, warmup_steps=warmup_steps(self.cfg, total_steps))
 
   def make_optimizer(self, total_steps: int, axis_name: str | None) -> Optimizer:
-    return lm_task.lm_optimizer_parts(self._scheduled(total_steps),
-                                      optim.make_compressor(self.cfg, axis_name),
-                                      total_steps, axis_name)
+    return lm_task.lm_optimizer_parts(self._scheduled(total_steps), None, total_steps,
+                                      axis_name)
 
   def lr_schedule(self, total_steps: int) -> optax.Schedule:
     return lm_task.lr_schedule(self._scheduled(total_steps), total_steps)

@@ -110,54 +110,37 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def scheduled_weight_decay(schedule: optax.Schedule, rate: float,
-                           mask: Any) -> optax.GradientTransformation:
-  """AdamW's decoupled weight decay on its own: adds -schedule(t) * rate * param (where
-  `mask` says) to updates that carry their learning rate already."""
-  def init(params):
-    del params
-    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-  def update(updates, state, params=None):
-    if params is None:
-      raise ValueError("scheduled_weight_decay needs the params")
-    step = -schedule(state.count) * rate
-    decayed = jax.tree.map(lambda u, p, m: u + step * p if m else u, updates, params,
-                           mask(params) if callable(mask) else mask)
-    return decayed, optax.ScaleByScheduleState(optax.safe_int32_increment(state.count))
-  return optax.GradientTransformation(init, update)
-
-
-def finite_or_unchanged(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`inner`, except that a non-finite input leaves its state as it was and passes
-  through unchanged: the compressor after it then skips the step on this device and
-  counts it (hggjax's non-finite guard), instead of Adam's moments keeping a NaN for
-  good."""
-  def update(updates, state, params=None):
-    new_updates, new_state = inner.update(updates, state, params)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    return jax.tree.map(keep, new_updates, updates), jax.tree.map(keep, new_state, state)
-  return optax.GradientTransformation(inner.init, update)
-
-
-def lm_optimizer_parts(cfg, compressor: optax.GradientTransformation, total_steps: int,
+def lm_optimizer_parts(cfg, compressor: optax.GradientTransformation | None, total_steps: int,
                        axis_name: str | None = None):
-  """The chain around `compressor` (built with momentum correction off) as a
-  `train.task.Optimizer`: which parts act on each device's gradient and which on the
-  exchanged mean (module docstring). `axis_name` is the compressor's: Adam's moments
-  before it are kept per device along it (`hggjax.per_device`)."""
+  """The optimizer `cfg` describes, as a `train.task.Optimizer`: which parts act on each
+  device's gradient and which on the exchanged mean (module docstring). With Adam before
+  a compressor it is `hggjax.adamw_parts` with the config's mechanisms; `axis_name` is
+  the compressor's, and Adam's moments are kept per device along it. `compressor`: None
+  builds the one `cfg` names (the harness), or a stand-in to use instead (tests)."""
   import hggjax  # pylint: disable=import-outside-toplevel
+  from train import optim  # pylint: disable=import-outside-toplevel
   from train.lm.config import adam_placement  # pylint: disable=import-outside-toplevel
   from train.task import Optimizer  # pylint: disable=import-outside-toplevel
   schedule = lr_schedule(cfg, total_steps)
+  options = optim.compressor_options(cfg, axis_name)
   clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
+  if adam_placement(cfg) == "before_compression" and cfg.compressor != "none":
+    by_name = compressor is None
+    parts = hggjax.adamw_parts(
+        schedule, compressor=cfg.compressor if by_name else compressor, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, mask=decay_mask, clip_norm=cfg.clip_norm or None,
+        method=cfg.method, second_moment=cfg.second_moment, refresh_every=cfg.refresh_every,
+        freeze_after=cfg.freeze_after, basis=None if cfg.basis == "none" else cfg.basis,
+        chunk=cfg.dct_chunk, axis_name=axis_name,
+        **({k: v for k, v in options.items() if k != "axis_name"} if by_name else {}))
+    return Optimizer(parts.before + (parts.compressor,) + parts.after, len(parts.before))
+  if compressor is None:
+    compressor = hggjax.get_compressor(cfg.compressor, **options)
   if adam_placement(cfg) == "before_compression":
-    adam = finite_or_unchanged(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-    # The learning-rate count is the same on every device: no per-device state needed.
-    return Optimizer((clip, hggjax.per_device(adam, axis_name=axis_name),
-                      optax.scale_by_learning_rate(schedule), compressor,
-                      scheduled_weight_decay(schedule, cfg.weight_decay, decay_mask)), 3)
+    # Dense, but Adam per device: what keeping the moments per device costs on its own.
+    adam = hggjax.adam_moments(cfg.b1, cfg.b2, cfg.eps, axis_name=axis_name)
+    return Optimizer((clip, adam, optax.scale_by_learning_rate(schedule), compressor,
+                      hggjax.scheduled_weight_decay(schedule, cfg.weight_decay, decay_mask)), 3)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.clip_after_exchange:
@@ -165,7 +148,7 @@ def lm_optimizer_parts(cfg, compressor: optax.GradientTransformation, total_step
   return Optimizer((clip, compressor, adamw), 1)
 
 
-def lm_optimizer(cfg, compressor: optax.GradientTransformation, total_steps: int,
+def lm_optimizer(cfg, compressor: optax.GradientTransformation | None, total_steps: int,
                  axis_name: str | None = None) -> optax.GradientTransformation:
   """The chain of `lm_optimizer_parts` as one optax transformation."""
   return lm_optimizer_parts(cfg, compressor, total_steps, axis_name).tx

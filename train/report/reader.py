@@ -213,9 +213,12 @@ def metrics(run: Run) -> dict[str, Any]:
               "dense_allreduce_s"):
     out[key] = timing.get(key)
   dense = last["dense_bytes"]
+  # Per step over the run: a shared second moment's dense refreshes (cumulative in
+  # refresh_bytes) spread over the steps taken.
+  sent = last["sent_bytes"] + last.get("refresh_bytes", 0.0) / max(1, last["step"])
   out.update({
-      "sent_bytes": last["sent_bytes"], "dense_bytes": dense,
-      "bytes_ratio": last["sent_bytes"] / dense if dense else None,
+      "sent_bytes": sent, "dense_bytes": dense,
+      "bytes_ratio": sent / dense if dense else None,
       # selected and k are sums over devices; the mean ratio over the logged steps
       "count_over_k": statistics.fmean(ratios) if ratios else None,
       "threshold_rel_err_median": _median(errs),

@@ -78,3 +78,27 @@ def test_config_import_is_light():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        timeout=120)
   assert not {"jax", "flax", "numpy", "tensorflow_datasets"} & set(out.stdout.split())
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"method": "lion"}, "--method"),
+    ({"second_moment": "global"}, "--second-moment"),
+    ({"basis": "fft"}, "--basis"),
+    ({"method": "demo", "second_moment": "shared"}, "keeps no second moment"),
+    ({"method": "demo", "b1": 0.0}, "--b1"),
+    ({"basis": "dct", "compressor": "none"}, "needs a compressor"),
+    ({"second_moment": "shared", "adam": "after_exchange"}, "needs a compressor"),
+    ({"refresh_every": 0}, "--refresh-every"),
+    ({"freeze_after": 0}, "--freeze-after"),
+])
+def test_bad_compressed_adam_options_are_one_usage_error(changes, message):
+  with pytest.raises(UsageError, match=message):
+    validate_lm(dataclasses.replace(LMConfig(), **changes), hggjax.compressors, 4)
+
+
+def test_compressed_adam_names_match_the_library():
+  from hggjax import compressed_adam  # pylint: disable=import-outside-toplevel
+  from train.lm import config  # pylint: disable=import-outside-toplevel
+  assert config.METHODS == compressed_adam.METHODS
+  assert config.SECOND_MOMENTS == compressed_adam.SECOND_MOMENTS
+  assert config.BASES == ("none",) + compressed_adam.BASES[1:]
