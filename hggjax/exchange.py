@@ -15,6 +15,13 @@ reached it (its "delivered" slots: the transform keeps the rest in the residual)
   largest, and one ``all_gather`` of those float32 means gives every device the
   result. Each device receives about 3k (P - 1) / P slots instead of (P - 1) k. A
   slot is delivered when it fit its bucket and its position was kept.
+- "leader_mask" (ScaleCom's cyclic top-k, Chen et al. 2020): one device, the leader
+  (a different one each step, in turn), chooses the k positions of every device: its
+  selection reaches all by a ``psum`` in which the others add zeros
+  (`leader_positions`), each device reads its own accumulated values there, and one
+  ``psum`` of k values gives the mean. The exchange is a reduction of fixed size,
+  the same whatever P: 2 (P - 1) / P of k values and k positions received per device.
+  Every slot is delivered.
 
 No dense collective of a mostly-zero tensor is ever issued; leaves that are sent
 dense (the ``none`` compressor, leaves under ``min_size``, the fast axis of a
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 from hggjax import regions
 from hggjax.payload import Payload
 
-SCHEMES = ("allgather", "sparse_allreduce")
+SCHEMES = ("allgather", "sparse_allreduce", "leader_mask")
 MAX_POSITION = 2**31 - 1  # positions and region keys travel as int32
 
 
@@ -56,8 +63,23 @@ def device_index(axis_name: str) -> jax.Array:
     ) from e
 
 
+def leader_positions(indices: jax.Array, leader: jax.Array, axis_name: str | None) -> jax.Array:
+  """int32[m, C]: the leader device's `indices` on every device ("leader_mask")."""
+  if axis_name is None:
+    return indices
+  mine = jnp.where(jax.lax.axis_index(axis_name) == leader, indices, 0)
+  return jax.lax.psum(mine, axis_name)
+
+
+def leader_count(count: jax.Array, axis_name: str | None) -> jax.Array:
+  """int32[]: the largest step count over devices, the same on all (a device that skipped
+  a non-finite step counts one fewer): the leader is this modulo P."""
+  return count if axis_name is None else jax.lax.pmax(count, axis_name)
+
+
 def sparse_mean(payload: Payload, n: int, axis_name: str | None,
-                scheme: str = "allgather") -> tuple[jax.Array, Payload]:
+                scheme: str = "allgather",
+                positions: jax.Array | None = None) -> tuple[jax.Array, Payload]:
   """(float32[m, n] mean over devices, this device's delivered Payload), per row.
 
   `payload` holds m rows (selection groups of n elements each) of C slots. Values
@@ -76,6 +98,8 @@ def sparse_mean(payload: Payload, n: int, axis_name: str | None,
     return densify_mean(values[None], indices[None], n), payload
   if scheme == "sparse_allreduce":
     return _sparse_allreduce(payload, n, axis_name)
+  if scheme == "leader_mask":  # `positions`: `leader_positions`, the same on every device
+    return _leader_mean(payload, n, axis_name, positions)
   # "invarying": the gathered payload is the same on every device, so the
   # result is too, and shard_map's check_vma accepts it as a replicated output.
   gather = lambda x: jax.lax.all_gather(x, axis_name, to="invarying")  # noqa: E731
@@ -112,6 +136,17 @@ def _sparse_allreduce(payload: Payload, n: int, axis_name: str) -> tuple[jax.Arr
   return mean, Payload(*regions.delivered(buf_values, buf_indices, mean))
 
 
+def _leader_mean(payload: Payload, n: int, axis_name: str,
+                 positions: jax.Array) -> tuple[jax.Array, Payload]:
+  """ScaleCom's reduction: every device's values at the leader's `positions`, summed.
+  `payload` holds this device's values there (slots it leaves unused carry 0)."""
+  p = axis_size(axis_name)
+  # Summed in float32: a narrower sum would round at every hop (and XLA:CPU widens a
+  # bfloat16 all-reduce to float32 anyway).
+  total = jax.lax.psum(payload.values.astype(jnp.float32), axis_name) * (1.0 / p)
+  return densify_mean(total[None], positions[None], n), payload
+
+
 def _over_wire(collective, values: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(values, indices) through `collective`, packed into one int32 array (`_pack`) when
   the value width allows; float64 (x64 mode) takes two."""
@@ -137,9 +172,15 @@ def traffic(scheme: str, p: int, m: int, c: int, itemsize: int) -> tuple[int, in
   - "allgather": sent m * row(C), received (P - 1) * m * row(C);
   - "sparse_allreduce": the all_to_all moves P - 1 buckets of `bucket_capacity`
     slots each way, the all_gather one row of `region_share` float32 slots out and
-    P - 1 in.
+    P - 1 in;
+  - "leader_mask": two reductions, of c int32 positions and c float32 values (a sum
+    is kept in float32 whatever the wire dtype): sent once each, received as a ring
+    all-reduce's 2 (P - 1) / P of them.
   row(c) is `row_bytes`. Without an exchange (p = 1) nothing is received.
   """
+  if scheme == "leader_mask":
+    nbytes = m * c * 8
+    return nbytes, (2.0 * (p - 1) / p * nbytes if p > 1 else 0)
   if scheme == "sparse_allreduce" and p > 1:
     bucket = row_bytes(regions.bucket_capacity(c, p), itemsize)
     kept = row_bytes(regions.region_share(c, p), 4)

@@ -21,7 +21,11 @@ Options shared by every constructor (`Options`):
     (``all_to_all`` by index region) + ``all_gather`` of each region's kept
     largest means, about 3k (P - 1) / P slots received per device; slots that
     overflow their region's bucket or that the region does not keep stay in the
-    sender's residual. Without an axis it makes no difference.
+    sender's residual. "leader_mask": ScaleCom's cyclic top-k (Chen et al. 2020):
+    each step one device in turn selects, every device sends its own values at
+    those k positions, and a reduction of k values and k positions gives the mean
+    (received bytes do not grow with P; what a device had at other positions
+    stays in its residual). Without an axis it makes no difference.
   scope: "leaf" (default) selects k = max(1, round(density * n)) elements
     within every leaf, as HGG-TopK does per layer, and it keeps every layer
     learning: one global threshold starves layers whose gradients are small in

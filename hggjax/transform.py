@@ -10,7 +10,8 @@ selector. The update runs, per bucket of equally sized selection groups:
   Step 5  record statistics                              (`state.CompressionStats`)
 
 "sent" is what of this device's payload reached the mean (the exchange's delivered
-slots): the whole payload with ``exchange="allgather"``; with "sparse_allreduce"
+slots): the whole payload with ``exchange="allgather"`` and "leader_mask" (whose
+positions are the leader device's selection, `exchange.leader_positions`); with "sparse_allreduce"
 the slots that fit their region's bucket and that the region's owner kept. With a
 two-level ``axis_name=(slow, fast)`` a Step 0 first takes the dense mean over the
 fast axis, and everything after it runs over the slow axis only.
@@ -282,7 +283,7 @@ def sparsify(
       over the fast axis first and compresses and exchanges over the slow axis only;
       the devices of one slow-axis position then select alike and keep equal
       residuals (one per host, replicated on its devices).
-    exchange: "allgather" or "sparse_allreduce" (`hggjax.exchange`).
+    exchange: "allgather", "sparse_allreduce" or "leader_mask" (`hggjax.exchange`).
     scope: "leaf" selects within each leaf, "global" over all compressed leaves
       concatenated.
     min_size: leaves with fewer elements are sent dense (averaged, no residual).
@@ -337,6 +338,7 @@ def sparsify(
     scheme = exchange if slow is not None else "allgather"  # nothing to exchange without
     if device is not None:  # random selections differ per device
       key = jax.random.fold_in(key, device)
+    leader = exchange_lib.leader_count(state.count, slow) % p if scheme == "leader_mask" else None
 
     # Step 0: two-level: the dense mean over the fast axis. A gradient holding NaN or
     # Inf (with two levels: a host's mean) adds nothing this step and changes no state.
@@ -349,6 +351,10 @@ def sparsify(
       out[i] = exchange_lib.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype), slow)
     residual = list(stored) if error_feedback else None
     carry, stats = state.carry, _begin_stats(state.stats, plan, leaves, ok, p)
+    if leader is not None and p > 1:  # the pmax that agrees on the leader: one int32
+      sent, received = exchange_lib.dense_traffic(p, 4)
+      stats = stats._replace(sent_bytes=stats.sent_bytes + sent,
+                             received_bytes=stats.received_bytes + received)
     for bucket in plan.buckets:
       n, k, wire = plan.sizes[bucket[0]], plan.ks[bucket[0]], plan.wires[bucket[0]]
       groups = [plan.groups[g] for g in bucket]
@@ -363,11 +369,14 @@ def sparsify(
       sel, carry = select_rows(selector, x, k, carry, ids, keys, ok)
       # Step 3: the payload, exchanged: the mean of every device's, and what of this
       # device's reached it.
-      payload = make_payload(x, sel.indices, ok, wire, groups, leaves)
+      positions = sel.indices
+      if scheme == "leader_mask":  # every device sends its values at the leader's positions
+        positions = exchange_lib.leader_positions(sel.indices, leader, slow)
+      payload = make_payload(x, positions, ok, wire, groups, leaves)
       if scheme == "sparse_allreduce":  # its buckets are runs of the payload: sort first
         order = regions.region_order(payload.indices, n, p)
         payload = make_payload(x, order, ok, wire, groups, leaves)
-      mean, sent = exchange_lib.sparse_mean(payload, n, slow, scheme)
+      mean, sent = exchange_lib.sparse_mean(payload, n, slow, scheme, positions)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.
       rest = ef.keep(x, kept, sent.indices, sent.values, sel.threshold) if error_feedback else None
       _write_back(out, residual, mean, rest, kept, groups, leaves, axis_name)

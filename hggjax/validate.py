@@ -81,7 +81,8 @@ def exchange(value) -> str:
     raise ValueError(
         f"exchange must be one of {SCHEMES} ('allgather' gathers every device's "
         f"slots; 'sparse_allreduce' sends each index region to one owner and gathers "
-        f"the owners' choices, fewer bytes for many devices), got {value!r}.")
+        f"the owners' choices, fewer bytes for many devices; 'leader_mask' sums every "
+        f"device's values at one device's positions, in turn), got {value!r}.")
   return value
 
 

@@ -63,8 +63,9 @@ class Config:
       "exchanged mean")
   exchange: str = _field(
       "allgather", "how the compressed gradients travel: allgather (every device gathers "
-      "every device's k slots) or sparse_allreduce (index regions reduced by their owner "
-      "device, then gathered; fewer bytes for many devices; docs/exchange.md)")
+      "every device's k slots), sparse_allreduce (index regions reduced by their owner "
+      "device, then gathered; fewer bytes for many devices) or leader_mask (ScaleCom: one "
+      "device's positions in turn, every device's values there summed; docs/exchange.md)")
   hosts: int | None = _field(
       None, "two-level mesh: split the devices into this many hosts, a 2-D mesh (hosts, "
       "devices / hosts) with axes (hosts, local); gradients are averaged dense over local, "
