@@ -282,3 +282,21 @@ def test_state_round_trips_through_a_checkpoint_bit_identically(tmp_path):
   for x, y in zip(a, b):
     for k in SHAPES:
       np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_flax_nnx_optimizer_takes_it():
+  """One line in a flax training script: nnx.Optimizer with hggjax.adamw (one device)."""
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(32, 8, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, hggjax.adamw(1e-2, compressor="hggtopk", density=0.1,
+                                                weight_decay=0.1), wrt=nnx.Param)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32)), jnp.float32)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(30)]
+  assert losses[-1] < 0.5 * losses[0]

@@ -1,0 +1,115 @@
+"""`hggjax.adamw`'s mechanisms side by side: one `python -m train.lm` run each, one table.
+
+    python -m benchmarks.lm_study                          # 300 steps, seed 0 (~1 h on 2 cores)
+    python -m benchmarks.lm_study --steps 1200 --seed 1 --runs none,hggtopk-local
+    python -m benchmarks.lm_study --render benchmarks/results/lm_adamw_study_300steps_cpu.json
+
+Every run is the embedded default (`python -m train.lm`: tiny transformer, stdlib bytes, 4
+devices, hggtopk at 1%, Adam's moments per device before the compressor) with the flags in
+`RUNS`, plus ``--steps --seed --no-checkpoint --no-profile`` and ``--log-dir
+<log-dir>/<name>``. A run whose summary.json exists is read, not rerun. The table has each
+run's final validation loss, its gap to the ``none`` run (standard AdamW on the mean
+gradient, the baseline), and the bytes one device sends per step averaged over the run: a
+shared second moment's dense refreshes count at their full size (``mean_sent_bytes``).
+Extra arguments after ``--`` go to every run (e.g. ``-- --data-dir DIR``).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+RUNS = {  # name -> flags of python -m train.lm
+    "none": ["--compressor", "none"],
+    "none-adam-before": ["--compressor", "none", "--adam", "before_compression"],
+    "hggtopk-local": [],
+    "hggtopk-local-d0.05": ["--density", "0.05"],
+    "hggtopk-shared": ["--second-moment", "shared"],
+    "hggtopk-shared-r4": ["--second-moment", "shared", "--refresh-every", "4"],
+    "hggtopk-dct": ["--basis", "dct"],
+    "hggtopk-shared-dct": ["--second-moment", "shared", "--basis", "dct"],
+    "hggtopk-demo": ["--method", "demo"],
+    "hggtopk-demo-dct": ["--method", "demo", "--basis", "dct"],
+    "hggtopk-leader": ["--exchange", "leader_mask"],
+    "hggtopk-adam-after": ["--adam", "after_exchange"],
+}
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--runs", default="all", help="comma-separated names of RUNS, or all")
+  p.add_argument("--log-dir", default=None, help="default: logs/lm_study/<steps>steps_seed<seed>")
+  p.add_argument("--out", default=None, help="JSON of the table (default: <log-dir>/study.json)")
+  p.add_argument("--render", metavar="JSON", help="print the table of a saved study and exit")
+  p.add_argument("extra", nargs="*", help="after --: flags for every run")
+  return p.parse_args(argv)
+
+
+def command(name: str, args) -> list[str]:
+  return ([sys.executable, "-m", "train.lm", *RUNS[name], "--steps", str(args.steps),
+           "--seed", str(args.seed), "--no-checkpoint", "--no-profile",
+           "--log-dir", os.path.join(args.log_dir, name), *args.extra])
+
+
+def row(name: str, log_dir: str) -> dict:
+  with open(os.path.join(log_dir, name, "summary.json"), encoding="utf-8") as f:
+    s = json.load(f)
+  sent = s.get("mean_sent_bytes", s["sent_bytes"])
+  return {"run": name, "flags": " ".join(RUNS[name]), "valid_loss": s["valid_loss"],
+          "valid_bits_per_byte": s["valid_bits_per_byte"], "mean_sent_bytes": sent,
+          "dense_bytes": s["dense_bytes"], "train_wall_s": s["train_wall_s"]}
+
+
+def table(study: dict) -> str:
+  rows = {r["run"]: r for r in study["rows"]}
+  dense = rows.get("none", {}).get("valid_loss")
+  lines = [f"{study['steps']} steps, seed {study['seed']}" +
+           (f", extra flags `{' '.join(study['extra'])}`" if study["extra"] else ""), "",
+           "| run | flags | validation loss | vs dense AdamW | bytes sent per step per device "
+           "(run mean) | fewer than dense |", "|---|---|---:|---:|---:|---:|"]
+  for r in study["rows"]:
+    gap = "" if dense is None or r["run"] == "none" else f"{100 * (r['valid_loss'] / dense - 1):+.1f}%"
+    sent = r["mean_sent_bytes"]
+    size = f"{sent / 2**20:.2f} MiB" if sent >= 2**20 else f"{sent / 1024:.1f} KiB"
+    lines.append(f"| {r['run']} | `{r['flags'] or '(default)'}` | {r['valid_loss']:.4f} | {gap} | "
+                 f"{size} | {r['dense_bytes'] / sent:.1f}x |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  if args.render:
+    with open(args.render, encoding="utf-8") as f:
+      print(table(json.load(f)))
+    return 0
+  names = list(RUNS) if args.runs == "all" else args.runs.split(",")
+  unknown = [n for n in names if n not in RUNS]
+  if unknown or args.steps < 1:
+    print(f"error: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}"
+          if unknown else "error: --steps must be >= 1", file=sys.stderr)
+    return 2
+  args.log_dir = args.log_dir or os.path.join("logs", "lm_study", f"{args.steps}steps_seed{args.seed}")
+  for name in names:
+    if os.path.isfile(os.path.join(args.log_dir, name, "summary.json")):
+      continue
+    print(f"== {name}: {' '.join(command(name, args)[1:])}", flush=True)
+    done = subprocess.run(command(name, args), check=False)
+    if done.returncode != 0:
+      print(f"error: run {name} exited with {done.returncode}", file=sys.stderr)
+      return done.returncode
+  study = {"steps": args.steps, "seed": args.seed, "extra": args.extra,
+           "rows": [row(n, args.log_dir) for n in names]}
+  out = args.out or os.path.join(args.log_dir, "study.json")
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump(study, f, indent=1)
+  print(table(study))
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
