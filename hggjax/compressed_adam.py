@@ -111,6 +111,9 @@ def adam_moments(b1: float, b2: float, eps: float, *, second_moment: str = "loca
   every device alike (a refresh is a collective every device takes part in).
   """
   axis_name = validate.axis_name(axis_name)
+  if second_moment not in SECOND_MOMENTS:
+    raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}.")
+  refresh_every = validate.int_at_least("refresh_every", refresh_every, 1)
   shared = second_moment == "shared"
 
   def init(params):

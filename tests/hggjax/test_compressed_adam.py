@@ -39,15 +39,18 @@ def _sharded_step(tx):
   return step
 
 
-def _run_sharded(tx, steps: int, grads_of=_device_grads):
+def _run_sharded(tx, steps: int, grads_of=_device_grads, *, state=None, first: int = 0):
+  """(updates of steps first .. first + steps - 1, the state after them) on 4 devices,
+  from `state` (default: tx.init's, sharded)."""
   mesh = _mesh()
   params = _params()
-  state = hggjax.shard_state(tx.init(params), mesh, "data")
+  if state is None:
+    state = hggjax.shard_state(tx.init(params), mesh, "data")
   specs = hggjax.state_specs(state, "data")
   step = jax.jit(jax.shard_map(_sharded_step(tx), mesh=mesh,
                                in_specs=(P("data"), specs, P()), out_specs=(P(), specs)))
   outs = []
-  for t in range(steps):
+  for t in range(first, first + steps):
     per = grads_of(t)
     stacked = {k: np.stack([g[k] for g in per]) for k in SHAPES}
     u, state = step(jax.device_put(stacked, NamedSharding(mesh, P("data"))), state, params)
@@ -256,29 +259,13 @@ def test_state_round_trips_through_a_checkpoint_bit_identically(tmp_path):
   tx = hggjax.adamw(LR, compressor="hggtopk", density=0.1, axis_name="data",
                     second_moment="shared", refresh_every=2, basis="dct", chunk=8,
                     weight_decay=WD)
-  mesh = _mesh()
-  params = _params()
-  state = hggjax.shard_state(tx.init(params), mesh, "data")
-  specs = hggjax.state_specs(state, "data")
-  step = jax.jit(jax.shard_map(_sharded_step(tx), mesh=mesh,
-                               in_specs=(P("data"), specs, P()), out_specs=(P(), specs)))
-
-  def run(state, ts):
-    outs = []
-    for t in ts:
-      per = _device_grads(t)
-      stacked = {k: np.stack([g[k] for g in per]) for k in SHAPES}
-      u, state = step(jax.device_put(stacked, NamedSharding(mesh, P("data"))), state, params)
-      outs.append(jax.tree.map(np.asarray, u))
-    return outs, state
-
-  _, state = run(state, range(3))
+  _, state = _run_sharded(tx, 3)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / "s", state)
   with ocp.StandardCheckpointer() as ckpt:
     restored = ckpt.restore(tmp_path / "s", state)
-  a, _ = run(state, range(3, 6))
-  b, _ = run(restored, range(3, 6))
+  a, _ = _run_sharded(tx, 3, state=state, first=3)
+  b, _ = _run_sharded(tx, 3, state=restored, first=3)
   for x, y in zip(a, b):
     for k in SHAPES:
       np.testing.assert_array_equal(x[k], y[k])
