@@ -1,11 +1,11 @@
 """The language-modelling task: next-token loss, metrics, and the optimizer chain.
 
-The optimizer has the compressor (built by the harness, `train.optim.make_compressor`)
-in one of two places relative to Adam (`cfg.adam`, resolved by
-`train.lm.config.adam_placement`):
+The optimizer has the compressor (the one the config names, with
+`train.optim.compressor_options`) in one of two places relative to Adam (`cfg.adam`,
+resolved by `train.lm.config.adam_placement`):
 
-    before_compression:  clip -> Adam's moments, per device -> learning rate
-                         -> compressor -> decoupled weight decay
+    before_compression:  hggjax.adamw: clip -> Adam's moments, per device -> learning
+                         rate -> [DCT] -> compressor -> [inverse DCT] -> weight decay
     after_exchange:      clip -> compressor -> AdamW (moments on the exchanged mean)
 
 Adam before the compressor. Each device keeps Adam's first and second moments of its own
