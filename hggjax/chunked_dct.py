@@ -69,13 +69,6 @@ def block_dct(tree, chunk: int = 64, *, inverse: bool = False):
   return jax.tree.map(lambda x: _transform(x, chunk, inverse), tree)
 
 
-def _stateless(fn) -> optax.GradientTransformation:
-  def update(updates, state, params=None):
-    del params
-    return fn(updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 def dct(chunk: int = 64) -> optax.GradientTransformation:
   """Updates into chunked DCT-II coefficients (module docstring); chain a compressor
   after it and `inverse_dct` with the same `chunk` after that.
@@ -84,11 +77,11 @@ def dct(chunk: int = 64) -> optax.GradientTransformation:
     chunk: the largest block length along an axis (DeMo uses 64).
   """
   chunk = validate.int_at_least("chunk", chunk, 1, 4096)
-  return _stateless(lambda u: block_dct(u, chunk))
+  return optax.stateless(lambda u, params=None: block_dct(u, chunk))
 
 
 def inverse_dct(chunk: int = 64) -> optax.GradientTransformation:
   """Chunked DCT-II coefficients back to updates: the inverse of `dct(chunk)`."""
   chunk = validate.int_at_least("chunk", chunk, 1, 4096)
-  return _stateless(lambda u: block_dct(u, chunk, inverse=True))
+  return optax.stateless(lambda u, params=None: block_dct(u, chunk, inverse=True))
 
