@@ -39,6 +39,7 @@ from hggjax.registry import (
     topk,
     topk2,
 )
+from hggjax.reshard import reshard_state
 from hggjax.selectors.base import Selector
 from hggjax.sharding import compression_state, shard_state, state_specs, stats
 from hggjax.state import CompressionState, CompressionStats
@@ -53,6 +54,6 @@ __all__ = [
     "PerDeviceState", "cpu_host", "per_device",
     "Selection", "Selector", "accumulated", "compression_state", "compressors",
     "dense_mean", "dgcsampling", "gaussian", "gaussian2", "get_compressor", "hggtopk",
-    "none", "randomk", "randomkec", "redsync", "redsynctrim", "shard_state", "sparsify",
-    "state_specs", "stats", "topk", "topk2",
+    "none", "randomk", "randomkec", "redsync", "redsynctrim", "reshard_state", "shard_state",
+    "sparsify", "state_specs", "stats", "topk", "topk2",
 ]
