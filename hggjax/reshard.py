@@ -77,7 +77,8 @@ def _fold_split(x, new: int, kind: str):
 
 
 def _reshard_sub(sub, new: int):
-  leaves = jax.tree.leaves(sub)
+  # Zero-size leaves (per-group fields without groups) hold nothing: each keeps its own.
+  leaves = [x for x in jax.tree.leaves(sub) if np.size(x) or not np.ndim(x)]
   found = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
   if len(found) > 1 or None in found:
     raise ValueError(f"a {type(sub).__name__} with leading axes of lengths {sorted(found, key=str)}: "

@@ -25,7 +25,9 @@ import shutil
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train.errors import UsageError
 
@@ -44,10 +46,27 @@ def _to_saveable(tree) -> dict[str, jax.Array]:
           for i, x in enumerate(leaves) if x.size}
 
 
-def _abstract(x):
+def _abstract(x, stored_shape=None):
+  """What orbax restores for template leaf `x`: its shape and sharding, or a leaf saved with
+  another leading length (another device count) whole and replicated, for `adapt`."""
   if _is_key(x):
     x = jax.random.key_data(x)
+  if stored_shape is not None and tuple(stored_shape) != x.shape and len(stored_shape) == x.ndim:
+    return jax.ShapeDtypeStruct(tuple(stored_shape), x.dtype,
+                                sharding=NamedSharding(x.sharding.mesh, P()))
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def _place(x, like):
+  """`x` (a host or replicated value of `like`'s shape) with `like`'s sharding; each
+  process fills only its own devices, as hggjax.shard_state does."""
+  if isinstance(x, jax.Array) and not _is_key(x) and x.sharding == like.sharding:
+    return x
+  key = _is_key(like)
+  data = np.asarray(jax.random.key_data(x) if key else x)
+  shape = data.shape
+  out = jax.make_array_from_callback(shape, like.sharding, lambda index: data[index])
+  return jax.random.wrap_key_data(out, impl=jax.random.key_impl(like)) if key else out
 
 
 @contextlib.contextmanager
@@ -68,8 +87,10 @@ def manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: a save killed half-way leaves a temporary directory.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
                                          cleanup_tmp_directories=True)
+  # The handler named up front: item_metadata (the saved shapes, for `restore`) needs it.
   with _quiet():
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
@@ -188,16 +209,17 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
   return dest
 
 
-def restore_latest(mngr: ocp.CheckpointManager, template,
-                   report: Callable[[str], None]) -> tuple[int, Any] | None:
+def restore_latest(mngr: ocp.CheckpointManager, template, report: Callable[[str], None],
+                   adapt: Callable[[Any], Any] | None = None) -> tuple[int, Any] | None:
   """The newest checkpoint that passes `verify` and restores, as (step, state); None when
-  there is none. Each refused one is reported through `report` in one line."""
+  there is none. Each refused one is reported through `report` in one line. `adapt`: as
+  `restore`'s."""
   found = None
   for step in _candidates(mngr):
     reason = verify(step_dir(mngr, step))
     if reason is None:
       try:
-        found = (step, restore(mngr, step, template))
+        found = (step, restore(mngr, step, template, adapt))
         break
       except Exception as err:  # noqa: BLE001 - orbax raises many kinds; each is reported
         reason = f"it does not restore: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -211,10 +233,22 @@ def restore_latest(mngr: ocp.CheckpointManager, template,
   return found
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, template):
-  """Restores `step` into the structure, dtypes and shardings of `template`."""
+def restore(mngr: ocp.CheckpointManager, step: int, template,
+            adapt: Callable[[Any], Any] | None = None):
+  """Restores `step` into the structure, dtypes and shardings of `template`.
+
+  With `adapt`, a leaf saved with another leading length than `template`'s (per-device
+  state saved on another number of devices) is read whole on every process, and
+  `adapt(tree)` must return the tree in `template`'s shapes (host values are then placed
+  with `template`'s shardings); any other difference still fails to restore.
+  """
   leaves, treedef = jax.tree.flatten(template)
-  target = {f"{i:05d}": _abstract(x) for i, x in enumerate(leaves) if x.size}
+  stored = {}
+  if adapt is not None:
+    with _quiet():
+      stored = {k: v.shape for k, v in mngr.item_metadata(step).items()}
+  target = {f"{i:05d}": _abstract(x, stored.get(f"{i:05d}")) for i, x in enumerate(leaves)
+            if x.size}
   with _quiet():
     restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
   out = []
@@ -224,4 +258,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, template):
       continue
     y = restored[f"{i:05d}"]
     out.append(jax.random.wrap_key_data(y, impl=jax.random.key_impl(x)) if _is_key(x) else y)
-  return jax.tree.unflatten(treedef, out)
+  if all(target[f"{i:05d}"].shape == x.shape for i, x in enumerate(leaves) if x.size):
+    return jax.tree.unflatten(treedef, out)
+  adapted = jax.tree.leaves(adapt(jax.tree.unflatten(treedef, out)))
+  shapes = [(np.shape(y), x.shape) for y, x in zip(adapted, leaves) if np.shape(y) != x.shape]
+  if len(adapted) != len(leaves) or shapes:
+    raise ValueError(f"saved with shape {shapes[0][0] if shapes else '?'} where this run has "
+                     f"{shapes[0][1] if shapes else 'another tree'}")
+  return jax.tree.unflatten(treedef, [_place(y, x) for y, x in zip(adapted, leaves)])

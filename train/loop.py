@@ -14,6 +14,7 @@ import shutil
 import time
 from typing import Any, TextIO
 
+import hggjax
 import jax
 import numpy as np
 
@@ -131,7 +132,9 @@ def _start(run: _Run, argv, resume: bool, changed: dict) -> steps.TrainState:
     raise UsageError(f"--resume: the run in {cfg.log_dir} keeps no checkpoints "
                      "(--no-checkpoint)")
   run.task.check_resume(cfg.log_dir)
-  found = checkpoint.restore_latest(run.mngr, state.arrays(), log.line)
+  resharded: list[str] = []
+  found = checkpoint.restore_latest(run.mngr, state.arrays(), log.line,
+                                    adapt=_resharder(run, state, resharded))
   if found is None:
     raise UsageError(f"--resume: no usable checkpoint in {run.checkpoint_dir}")
   last, restored = found
@@ -141,8 +144,29 @@ def _start(run: _Run, argv, resume: bool, changed: dict) -> steps.TrainState:
     log.write_json("config.json", dataclasses.asdict(cfg))
     log.line("resumed with " + ", ".join(f"{k} {old!r} -> {new!r}"
                                          for k, (old, new) in changed.items()))
+  if resharded:
+    log.line(resharded[-1])
   log.line(f"resumed from step {last}")
   return dataclasses.replace(state, step=last, **restored)
+
+
+def _resharder(run: _Run, state: steps.TrainState, said: list[str]):
+  """`checkpoint.restore`'s adapt: the per-device optimizer state of a checkpoint saved on
+  another number of devices or hosts, folded or split for this mesh by
+  `hggjax.reshard_state` (docs/training.md states the rule); what it did goes to `said`."""
+  hosts = run.cfg.hosts
+  devices = run.n_dev if hosts is None else (hosts, run.n_dev // hosts)
+
+  def adapt(tree):
+    old = sorted({np.shape(x)[0] for x, t in zip(jax.tree.leaves(tree["opt_state"]),
+                                                 jax.tree.leaves(state.opt_state))
+                  if np.shape(x) != np.shape(t)})
+    mesh = f"{run.n_dev} devices" + (f" in {hosts} hosts" if hosts is not None else "")
+    said.append(f"per-device optimizer state resharded from a device axis of "
+                f"{' and '.join(map(str, old))} to {mesh} (hggjax.reshard_state)")
+    return {**tree, "opt_state": hggjax.reshard_state(tree["opt_state"], devices)}
+
+  return adapt
 
 
 class _Watch:

@@ -2,7 +2,8 @@
 
 A resumed run takes every field from config.json. A flag may restate a field; one that
 contradicts it is refused, except for the fields below, which change how long the run
-goes, what it logs and where its files are, not what it computes up to the checkpoint.
+goes, what it logs, where its files are and how many devices share the work, not what it
+computes up to the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from train.errors import UsageError
 # Changing the length (epochs, steps) also moves the LR drops, which sit at 50% and 75%
 # of the total: the run continues on the new schedule from the checkpoint's step.
 # (For language models, evaluation also sets the checkpoint steps, and eval_windows is how
-# much of the validation split each evaluation reads.)
+# much of the validation split each evaluation reads.) The global batch stays, so another
+# device or host count sees the same examples; the per-device optimizer state is folded or
+# split for the new mesh by hggjax.reshard_state, which keeps what error feedback owes.
 CHANGEABLE = ("epochs", "steps", "log_every", "eval_every", "eval_batch_size", "data_dir",
               "log_dir", "profile", "profile_reps", "keep_checkpoints", "on_nonfinite",
-              "eval_windows")
+              "eval_windows", "devices", "hosts")
 
 
 def saved_config(log_dir: str, cls: type = Config) -> Config:
