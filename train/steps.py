@@ -129,6 +129,10 @@ def make_train_step(state: TrainState) -> Callable:
     bad = jnp.logical_or(jnp.logical_not(jnp.isfinite(loss)), grads_bad)
     metrics = {k: jax.lax.pmean(v, axes) for k, v in metrics.items()}
     metrics["nonfinite"] = jax.lax.pmax(bad.astype(jnp.int32), axes)
+    # BatchNorm's running statistics are pmean'd over the devices: one non-finite batch
+    # would leave NaN in them for good, so that step keeps the previous ones.
+    new_stats = jax.tree.map(lambda new, old: jnp.where(metrics["nonfinite"] > 0, old, new),
+                             new_stats, batch_stats)
     return params, new_stats, opt_state, metrics
 
   return train_step

@@ -78,3 +78,6 @@ def test_skip_trains_on_and_counts(tiny_cli, monkeypatch, tmp_path):
   assert [(e["step"], e["nonfinite_steps"]) for e in train] == [(4, 0), (8, 1)]
   assert train[1]["loss"] is not None  # step 8 itself was finite
   assert sorted(os.listdir(os.path.join(log_dir, "checkpoints"))) == ["4", "8"]
+  # BatchNorm's running statistics skipped the NaN batch too: evaluation stays finite.
+  with open(os.path.join(log_dir, "summary.json")) as f:
+    assert np.isfinite(json.load(f)["test_loss"])
