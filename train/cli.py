@@ -98,8 +98,19 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     help_text = text.replace("%", "%%")
     if kind is bool:
       p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+    elif kind is int and type(None) in typing.get_args(hints[field.name]):
+      p.add_argument(flag, type=_int_or_none, help=help_text)
     else:
       p.add_argument(flag, type=kind, help=help_text)
+
+
+def _int_or_none(text: str) -> int | None:
+  """An optional int flag: a number, or "none" for the default (--resume --hosts none goes
+  back to the 1-D mesh)."""
+  return None if text.strip().lower() == "none" else int(text)
+
+
+_int_or_none.__name__ = "int"  # argparse names the type in its error: "invalid int value"
 
 
 def build_parser(program: Program = IMAGE) -> argparse.ArgumentParser:
@@ -112,8 +123,8 @@ def build_parser(program: Program = IMAGE) -> argparse.ArgumentParser:
   _add_config_flags(p, cls)
   p.add_argument("--resume", action="store_true", help="continue the run in --log-dir from "
                  "its newest good checkpoint, with the settings in its config.json; a flag "
-                 "that contradicts them is refused, except for the length, logging and "
-                 "checkpoint-keeping flags (docs/training.md)")
+                 "that contradicts them is refused, except for the length, logging, "
+                 "checkpoint-keeping, --devices and --hosts flags (docs/training.md)")
   # Multi-process (jax.distributed); docs/multihost.md. Not Config fields: where a process
   # sits is not part of what the run computes.
   p.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (default: "
