@@ -81,8 +81,8 @@ def _reshard_sub(sub, new: int):
   leaves = [x for x in jax.tree.leaves(sub) if np.size(x) or not np.ndim(x)]
   found = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
   if len(found) > 1 or None in found:
-    raise ValueError(f"a {type(sub).__name__} with leading axes of lengths {sorted(found, key=str)}: "
-                     "pass the state as saved from a mesh (after hggjax.shard_state), every "
+    raise ValueError(f"a {type(sub).__name__} with leading axes of lengths "
+                     f"{sorted(found, key=str)}: pass the state as saved from a mesh (after hggjax.shard_state), every "
                      "leaf with the same leading device axis")
   if isinstance(sub, PerDeviceState):
     return jax.tree.map(lambda x: _fold_split(x, new, "mean"), sub)
