@@ -238,7 +238,10 @@ def lean_top_k(x: jax.Array, k: int) -> jax.Array:
     enough = jnp.sum(bits.popcounts(bits.pack(keys_with(mid) >= mid))) >= k
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-  kth, _ = jax.lax.fori_loop(0, 31, step, (jnp.int32(0), jnp.int32(0x7F800000)))
+  # The bounds start typed like x (under shard_map: varying over its axes, as the
+  # loop's outputs are); zeros_like keeps that type and XLA folds it away.
+  zero = jnp.zeros_like(x[0], jnp.int32)
+  kth, _ = jax.lax.fori_loop(0, 31, step, (zero, zero + 0x7F800000))
   above, n_above = compact(bits.pack(keys_with(kth) > kth), n, k)
   ties, _ = compact(bits.pack(keys_with(n_above) == kth), n, k)
   slot = jnp.arange(k, dtype=jnp.int32)

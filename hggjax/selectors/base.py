@@ -134,7 +134,7 @@ def power_of_two_scale(top: jax.Array) -> jax.Array:
   same bits as statistics of x wherever neither overflows or underflows.
   """
   e = jnp.floor(jnp.log2(jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)))
-  return jnp.exp2(-jnp.clip(e, -126, 126)).astype(jnp.float32)
+  return bits.exp2(-jnp.clip(e, -126, 126))
 
 
 def varying_like(tree, *refs):
