@@ -44,9 +44,9 @@ def analytic(n: int, density: float, local: int) -> list[dict]:
   for p in PS:
     row = {"P": p, "n": n, "k": k, "dense_ring": 2 * (p - 1) / p * 4 * n}
     for scheme in SCHEMES:
-      row[scheme] = exchange.traffic(scheme, p, 1, k, 4)[1]
+      row[scheme] = exchange.traffic(scheme, p, 1, k, n, 4)[1]
       hosts = p // local
-      row[f"two_level_{scheme}"] = (exchange.traffic(scheme, hosts, 1, k, 4)[1]
+      row[f"two_level_{scheme}"] = (exchange.traffic(scheme, hosts, 1, k, n, 4)[1]
                                     if p >= local and p % local == 0 else None)
     row["fast_dense"] = 2 * (local - 1) / local * 4 * n if p >= local else None
     rows.append(row)
@@ -83,7 +83,7 @@ def measure(n: int, density: float) -> list[dict]:
     _, state = update(jax.device_put(grads, NamedSharding(mesh, P(axis))), state)
     stats = hggjax.stats(state)
     over = p if local is None else p // local
-    sent, received = exchange.traffic(scheme, over, 1, k, 4)
+    sent, received = exchange.traffic(scheme, over, 1, k, n, 4)
     row = {"P": p, "local": local, "scheme": scheme, "n": n, "k": k,
            "received_bytes": float(np.asarray(stats["received_bytes"])[0]),
            "sent_bytes": float(np.asarray(stats["sent_bytes"])[0]),

@@ -71,7 +71,7 @@ def _run(args, spec) -> dict:
 
   import hggjax  # pylint: disable=import-outside-toplevel
   from benchmarks.models import MODELS  # pylint: disable=import-outside-toplevel
-  from hggjax import exchange  # pylint: disable=import-outside-toplevel
+  from hggjax import exchange, wire  # pylint: disable=import-outside-toplevel
   from hggjax.payload import Payload  # pylint: disable=import-outside-toplevel
 
   nproc = jax.process_count()
@@ -115,9 +115,9 @@ def _run(args, spec) -> dict:
     c = max(1, round(d * n))
     idx = np.sort(rng.choice(n, c, replace=False)).astype(np.int32)[None, None]  # [1, m=1, C]
     vals = rng.standard_normal((1, 1, c)).astype(np.float32)
-    pack = exchange._pack  # pylint: disable=protected-access  # the wire format itself
+    encode = lambda v, i: wire.encode(v, i, n, wire.DEFAULT)[0]  # noqa: E731  # the wire row
     gather_fn = jax.jit(smap(
-        lambda v, i: jax.lax.all_gather(pack(v[0], i[0]), "data", to="invarying"),
+        lambda v, i: jax.lax.all_gather(encode(v[0], i[0]), "data", to="invarying"),
         in_specs=(P("data"), P("data")), out_specs=P()))
     mean_fn = jax.jit(smap(lambda v, i: exchange.sparse_mean(Payload(v[0], i[0]), n, "data")[0],
                            in_specs=(P("data"), P("data")), out_specs=P()))
@@ -199,10 +199,10 @@ def _run(args, spec) -> dict:
       sar_s, _ = timed(sar_fn, *sar_payload)
       row["exchange"][f"sparse@{d:g}"] = {
           "all_gather_s": gather_s, "sparse_mean_s": mean_s, "densify_s": densify_s,
-          "capacity": c, "bytes_per_process": exchange.traffic("allgather", nproc, 1, c, 4)[1],
+          "capacity": c, "bytes_per_process": exchange.traffic("allgather", nproc, 1, c, n, 4)[1],
           "sparse_allreduce_s": sar_s,
           "sparse_allreduce_bytes_per_process": exchange.traffic(
-              "sparse_allreduce", nproc, 1, c, 4)[1]}
+              "sparse_allreduce", nproc, 1, c, n, 4)[1]}
     compute_s, _ = timed(compute_fn, params, images, labels)
     row["train"]["compute_only_s"] = compute_s
     for name, run in steps.items():

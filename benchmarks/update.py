@@ -288,7 +288,7 @@ def _breakdown(jax, jnp, ef, exchange, transform, tx, sel_fn, gs, reps):
   sel, _ = select(x, state.carry)
   pay = payload(x, sel.indices)
   record = jax.jit(lambda s, sel, p: transform._record(  # pylint: disable=protected-access
-      s, ids, sel, p, ok, n, exchange.traffic("allgather", 1, 1, k, 4)))
+      s, ids, sel, p, ok, n, exchange.traffic("allgather", 1, 1, k, n, 4)))
   t = interleaved({
       "finite": (finite, (g,), None),
       "accumulate": (accumulate, (g, state.residual[0] + 0), lambda a, o: (a[0], o)),

@@ -12,7 +12,8 @@ import optax
 from hggjax import error_feedback as ef
 from hggjax import exchange
 from hggjax.state import CompressionState, empty_stats, with_device_axis, without_device_axis
-from hggjax.transform import device_of, fast_mean, prng_key, to_dtype
+from hggjax.transform import device_of, fast_mean, prng_key
+from hggjax.wire import saturating_cast
 
 
 def dense_mean(*, axis_name: str | tuple[str, str] | None = None, momentum: float = 0.0,
@@ -56,7 +57,7 @@ def dense_mean(*, axis_name: str | tuple[str, str] | None = None, momentum: floa
     grads, velocity = ef.momentum_step(leaves, state.velocity, dense, momentum, ok)
     out = list(leaves)
     for i in dense:
-      out[i] = exchange.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype),
+      out[i] = exchange.dense_mean(saturating_cast(jnp.where(ok, grads[i], 0), leaves[i].dtype),
                                    slow)
     nbytes = sum(leaves[i].size * leaves[i].dtype.itemsize for i in dense)
     sent, received = exchange.dense_traffic(exchange.axis_size(slow), nbytes)

@@ -4,9 +4,9 @@ Two ways to exchange each device's fixed-capacity payload (`SCHEMES`); both retu
 the mean over devices, the same on every device, and what of this device's payload
 reached it (its "delivered" slots: the transform keeps the rest in the residual).
 
-- "allgather": one ``all_gather`` of every device's payload (values and int32
-  indices packed into int32 words, [P, C] each after the gather), a local
-  scatter-add and a scaling by 1/P. Every slot is delivered. Each device receives
+- "allgather": one ``all_gather`` of every device's payload (values and positions
+  coded into one int32 row by `hggjax.wire`), a local decode, scatter-add and a
+  scaling by 1/P. Every slot is delivered. Each device receives
   (P - 1) * C slots.
 - "sparse_allreduce" (Ok-Topk's shape, static): each device sends each region of the
   index space (`regions`: positions i with i mod P = r belong to device r) its slots
@@ -26,12 +26,15 @@ reached it (its "delivered" slots: the transform keeps the rest in the residual)
 No dense collective of a mostly-zero tensor is ever issued; leaves that are sent
 dense (the ``none`` compressor, leaves under ``min_size``, the fast axis of a
 two-level ``axis_name``) use ``pmean``. `traffic` gives the bytes each scheme moves.
+A payload's wire format (`hggjax.wire.WireFormat`: value dtype, scales, position code)
+applies to "allgather" and "sparse_allreduce".
 """
 
 import jax
 import jax.numpy as jnp
 
 from hggjax import regions
+from hggjax import wire
 from hggjax.payload import Payload
 
 SCHEMES = ("allgather", "sparse_allreduce", "leader_mask")
@@ -78,62 +81,88 @@ def leader_count(count: jax.Array, axis_name: str | None) -> jax.Array:
 
 
 def sparse_mean(payload: Payload, n: int, axis_name: str | None,
-                scheme: str = "allgather",
-                positions: jax.Array | None = None) -> tuple[jax.Array, Payload]:
+                scheme: str = "allgather", positions: jax.Array | None = None,
+                fmt: wire.WireFormat = wire.DEFAULT) -> tuple[jax.Array, Payload]:
   """(float32[m, n] mean over devices, this device's delivered Payload), per row.
 
-  `payload` holds m rows (selection groups of n elements each) of C slots. Values
-  travel in their wire dtype (2 bytes for bfloat16) and are widened after they
-  arrive. The delivered payload holds this device's slots that reached the mean,
-  others empty (value 0, index n): for "allgather" it is `payload` itself; for
-  "sparse_allreduce" it has P * `regions.bucket_capacity` slots per row (the
-  send buffers, in region order), those that overflowed their bucket or were not
-  kept by their region's owner left out. "sparse_allreduce" needs each row's
-  indices in `regions.region_order` (build the payload's values after it). Without
-  an axis there is nothing to exchange: the mean is this payload made dense,
-  whatever the scheme.
+  `payload` holds m rows (selection groups of n elements each) of C slots. They
+  travel in `fmt` (`hggjax.wire`: the values' dtype and scales, the positions'
+  code), rounded once before they leave. The delivered payload holds this device's
+  slots that reached the mean as the receivers decoded them (float32 values), others
+  empty (value 0, index n); a value that rounds to 0 is not delivered. For
+  "allgather" its slots are `payload`'s; for "sparse_allreduce" it has
+  P * `regions.bucket_capacity` slots per row (the send buffers, in region order),
+  those that overflowed their bucket or were not kept by their region's owner left
+  out. "sparse_allreduce" needs each row's indices in `regions.region_order`, and
+  ``fmt.index_coding="packed"`` with "allgather" needs them sorted (build the
+  payload's values after either). Without an axis there is nothing to exchange:
+  the mean is this payload, rounded as it would travel, made dense, whatever the
+  scheme.
   """
-  values, indices = payload.values, payload.indices
   if axis_name is None:
-    return densify_mean(values[None], indices[None], n), payload
+    _, decoded = wire.encode(payload.values, payload.indices, n, fmt)
+    delivered = _nonzero(decoded, payload.indices, n)
+    return densify_mean(delivered.values[None], delivered.indices[None], n), delivered
   if scheme == "sparse_allreduce":
-    return _sparse_allreduce(payload, n, axis_name)
+    return _sparse_allreduce(payload, n, axis_name, fmt)
   if scheme == "leader_mask":  # `positions`: `leader_positions`, the same on every device
     return _leader_mean(payload, n, axis_name, positions)
+  c = payload.values.shape[-1]
+  words, decoded = wire.encode(payload.values, payload.indices, n, fmt)
   # "invarying": the gathered payload is the same on every device, so the
   # result is too, and shard_map's check_vma accepts it as a replicated output.
-  gather = lambda x: jax.lax.all_gather(x, axis_name, to="invarying")  # noqa: E731
-  values, indices = _over_wire(gather, values, indices)  # [P, m, C] each
-  return densify_mean(values, indices, n), payload
+  words = jax.lax.all_gather(words, axis_name, to="invarying")  # [P, m, W]
+  values, indices = wire.decode(words, c, n, payload.values.dtype, fmt)
+  return densify_mean(values, indices, n), _nonzero(decoded, payload.indices, n)
 
 
-def _sparse_allreduce(payload: Payload, n: int, axis_name: str) -> tuple[jax.Array, Payload]:
+def _nonzero(values: jax.Array, indices: jax.Array, n: int) -> Payload:
+  """The slots whose decoded value is not 0 (the others carry nothing: index n)."""
+  sent = values != 0
+  return Payload(jnp.where(sent, values, 0), jnp.where(sent, indices, n))
+
+
+def _sparse_allreduce(payload: Payload, n: int, axis_name: str,
+                      fmt: wire.WireFormat) -> tuple[jax.Array, Payload]:
   """Ok-Topk's reduce-scatter + all_gather with static shapes (see `regions`)."""
   p = axis_size(axis_name)
   m, c = payload.values.shape
-  if p * regions.region_size(n, p) > MAX_POSITION:
+  size = regions.region_size(n, p)
+  if p * size > MAX_POSITION:
     raise ValueError(f"exchange='sparse_allreduce' numbers the {n} positions of a row by "
                      f"region in int32: split leaves of more than {MAX_POSITION - p} "
                      "elements, or use exchange='allgather'.")
   cap, share = regions.bucket_capacity(c, p), regions.region_share(c, p)
-  # Step 1: bucket this device's slots by region; row r of the buffer goes to device r.
+  # Step 1: bucket this device's slots by region; row r of the buffer goes to device r,
+  # as local positions of that region (sorted: the buckets are runs of region_order).
   buf_values, buf_indices = regions.bucket(payload.values, payload.indices, n, p, cap)
-  to_owner = lambda x: jax.lax.all_to_all(x, axis_name, 0, 0)  # noqa: E731
-  got_values, got_indices = _over_wire(to_owner, buf_values, buf_indices)  # [P senders, m, cap]
+  local = regions.local_positions(buf_indices, n, p)
+  words, buf_decoded = wire.encode(buf_values, local, size, fmt)
+  words = jax.lax.all_to_all(words, axis_name, 0, 0)  # [P senders, m, W]
+  got_values, got_local = wire.decode(words, cap, size, payload.values.dtype, fmt)
   # Step 2: the owner's region mean, summed as "allgather" sums (densify_mean), and
   # its share of the largest; float32 from here on, so the final means carry no
-  # wire rounding.
+  # wire rounding (only the positions are coded as `fmt` says).
   owner = jax.lax.axis_index(axis_name)
-  local = regions.local_positions(got_indices, n, p)
-  region_mean = densify_mean(got_values, local, regions.region_size(n, p))
-  top_values, top_indices = regions.reselect(region_mean, local, n, p, owner, share)
+  region_mean = densify_mean(got_values, got_local, size)
+  top_values, top_indices = regions.reselect(region_mean, got_local, n, p, owner, share)
   # Step 3: every owner's kept means to every device; each position appears once.
-  gather = lambda x: jax.lax.all_gather(x, axis_name, to="invarying")  # noqa: E731
-  final_values, final_indices = _over_wire(gather, top_values, top_indices)  # [P owners, m, share]
+  kept = wire.WireFormat(index_coding=fmt.index_coding)
+  top_local = regions.local_positions(top_indices, n, p)
+  if kept.packed:  # sorted for the code; the values read again in that order
+    top_local = jnp.sort(top_local, axis=-1)
+    top_values = jnp.where(top_local < size, jnp.take_along_axis(
+        region_mean, jnp.minimum(top_local, size - 1), axis=1), 0.0)
+  words, _ = wire.encode(top_values, top_local, size, kept)
+  words = jax.lax.all_gather(words, axis_name, to="invarying")  # [P owners, m, W]
+  final_values, final_local = wire.decode(words, share, size, jnp.float32, kept)
+  region = jnp.arange(p, dtype=jnp.int32)[:, None, None]
+  final_indices = jnp.where(final_local < size, final_local * p + region, n)
   rows = lambda x: x.transpose(1, 0, 2).reshape(1, m, p * share)  # noqa: E731
   mean = densify_mean(rows(final_values), rows(final_indices), n)
   # Step 4: which of this device's sent slots made it, as a payload of P * cap slots.
-  return mean, Payload(*regions.delivered(buf_values, buf_indices, mean))
+  sent = _nonzero(buf_decoded, buf_indices, n)
+  return mean, Payload(*regions.delivered(sent.values, sent.indices, mean))
 
 
 def _leader_mean(payload: Payload, n: int, axis_name: str,
@@ -147,32 +176,23 @@ def _leader_mean(payload: Payload, n: int, axis_name: str,
   return densify_mean(total[None], positions[None], n), payload
 
 
-def _over_wire(collective, values: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(values, indices) through `collective`, packed into one int32 array (`_pack`) when
-  the value width allows; float64 (x64 mode) takes two."""
-  if values.dtype.itemsize not in (2, 4):
-    return collective(values), collective(indices)
-  words = collective(_pack(values, indices))
-  return _unpack(words, values.dtype, values.shape[-1])
+def row_bytes(c: int, n: int, itemsize: int, fmt: wire.WireFormat = wire.DEFAULT) -> int:
+  """Bytes of one row of c slots of a row of n elements on the wire (`wire.row_words`)."""
+  return 4 * wire.row_words(c, n, itemsize, fmt)
 
 
-def row_bytes(c: int, itemsize: int) -> int:
-  """Bytes of one row of c slots on the wire: values packed into int32 words (a
-  2-byte value pads the row to a whole word) and c int32 indices."""
-  if itemsize not in (2, 4):
-    return c * (itemsize + 4)
-  return 4 * (-(-c * itemsize // 4) + c)
-
-
-def traffic(scheme: str, p: int, m: int, c: int, itemsize: int) -> tuple[int, int]:
-  """(sent, received) bytes per device for m rows of c slots exchanged over p devices.
+def traffic(scheme: str, p: int, m: int, c: int, n: int, itemsize: int,
+            fmt: wire.WireFormat = wire.DEFAULT) -> tuple[int, int]:
+  """(sent, received) bytes per device for m rows of c slots (of n elements each)
+  exchanged over p devices, values `itemsize` bytes each on the wire
+  (``fmt.dtype(payload dtype).itemsize``), positions and scales as `fmt` says.
 
   sent: this device's own data put on the wire (each byte counted once, however
   many devices receive it); received: other devices' data arriving here.
   - "allgather": sent m * row(C), received (P - 1) * m * row(C);
   - "sparse_allreduce": the all_to_all moves P - 1 buckets of `bucket_capacity`
     slots each way, the all_gather one row of `region_share` float32 slots out and
-    P - 1 in;
+    P - 1 in (positions of a region, `region_size`, coded as `fmt` says);
   - "leader_mask": two reductions, of c int32 positions and c float32 values (a sum
     is kept in float32 whatever the wire dtype): sent once each, received as a ring
     all-reduce's 2 (P - 1) / P of them.
@@ -182,10 +202,12 @@ def traffic(scheme: str, p: int, m: int, c: int, itemsize: int) -> tuple[int, in
     nbytes = m * c * 8
     return nbytes, (2.0 * (p - 1) / p * nbytes if p > 1 else 0)
   if scheme == "sparse_allreduce" and p > 1:
-    bucket = row_bytes(regions.bucket_capacity(c, p), itemsize)
-    kept = row_bytes(regions.region_share(c, p), 4)
+    universe = regions.region_size(n, p)
+    bucket = row_bytes(regions.bucket_capacity(c, p), universe, itemsize, fmt)
+    kept = row_bytes(regions.region_share(c, p), universe, 4,
+                     wire.WireFormat(index_coding=fmt.index_coding))
     return m * ((p - 1) * bucket + kept), m * (p - 1) * (bucket + kept)
-  return m * row_bytes(c, itemsize), (p - 1) * m * row_bytes(c, itemsize)
+  return m * row_bytes(c, n, itemsize, fmt), (p - 1) * m * row_bytes(c, n, itemsize, fmt)
 
 
 def dense_traffic(p: int, nbytes: int) -> tuple[float, float]:
@@ -193,31 +215,6 @@ def dense_traffic(p: int, nbytes: int) -> tuple[float, float]:
   sent counts the leaf once (as the sparse schemes count their own data); received
   is what a ring all-reduce (reduce-scatter + all_gather) brings in, 2 (P - 1) / P."""
   return float(nbytes), 2.0 * (p - 1) / p * nbytes
-
-
-def _pack(values: jax.Array, indices: jax.Array) -> jax.Array:
-  """int32[..., W + C]: the values' bits (W words) then the indices, for one collective.
-
-  One collective instead of two halves the per-collective latency (gloo, NCCL), and
-  the bitcast keeps narrow values narrow on the wire: XLA:CPU otherwise moves the
-  widening convert in front of a bfloat16 all_gather and sends 4 bytes per value.
-  """
-  *lead, c = values.shape
-  ratio = 4 // values.dtype.itemsize  # 1 (float32) or 2 (bfloat16, float16)
-  padded = -(-c // ratio) * ratio
-  if padded != c:
-    values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, padded - c)])
-  if ratio > 1:
-    values = values.reshape(*lead, padded // ratio, ratio)
-  words = jax.lax.bitcast_convert_type(values, jnp.int32)
-  return jnp.concatenate([words, indices], axis=-1)
-
-
-def _unpack(words: jax.Array, dtype, c: int) -> tuple[jax.Array, jax.Array]:
-  """Inverse of `_pack` on [..., W + C] words: (values [..., C], int32 indices [..., C])."""
-  *lead, total = words.shape
-  values = jax.lax.bitcast_convert_type(words[..., :total - c], dtype)
-  return values.reshape(*lead, -1)[..., :c], words[..., total - c:]
 
 
 def densify_mean(values: jax.Array, indices: jax.Array, n: int) -> jax.Array:

@@ -51,15 +51,27 @@ Options shared by every constructor (`Options`):
     where it replaces the optimizer's momentum (`hggjax.adamw(method="demo")`).
     Needs error feedback.
 
+  value_dtype: the dtype values travel in (`hggjax.wire`): None (default) the
+    gradient's own dtype; "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"
+    (names or jnp dtypes) or "float32". What rounding loses stays in the residual
+    (with error feedback), so acc == sent + residual' still holds bit for bit.
+  scale_group: with a narrow value_dtype, one float32 power-of-two scale per this
+    many slots, sent along (4 bytes per group); float8 needs it (its smallest
+    e4m3fn step is 2^-9: smaller gradients would not travel). Default None.
+  index_coding: "int32" (default: 4 bytes a position) or "packed": each row's
+    sorted positions in an Elias-Fano code of static size, 2 + log2(n / k) bits a
+    position (8.6 at 1%). Both apply to "allgather" and "sparse_allreduce".
+
 Integer and boolean leaves pass through untouched (their gradients carry no
 information: JAX gives them float0 or zeros). Floating leaves of any width work:
 selection and residuals run in float32, values travel in the gradient's dtype
-(2 bytes for bfloat16/float16, plus 4 per int32 index).
+unless value_dtype says otherwise (2 bytes for bfloat16/float16, plus 4 per int32
+index).
 """
 
 import functools
 import inspect
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 import jax
 import optax
@@ -84,6 +96,9 @@ class Options(TypedDict, total=False):
   key: jax.Array | int
   momentum: float
   residual_decay: float
+  value_dtype: Any
+  scale_group: int | None
+  index_coding: str
 
 
 def _options(options: Options) -> dict:
@@ -106,6 +121,9 @@ def _options(options: Options) -> dict:
       momentum=validate.momentum(options.get("momentum", 0.0)),
       residual_decay=validate.in_unit_interval(
           "residual_decay", options.get("residual_decay", 1.0)),
+      wire_format=validate.wire_format(
+          options.get("value_dtype"), options.get("scale_group"),
+          options.get("index_coding", "int32"), options.get("exchange", "allgather")),
   )
 
 
@@ -125,8 +143,9 @@ def none(density: float | None = None, **options: Unpack[Options]) -> optax.Grad
 
   Args:
     density: accepted so that every name takes the same arguments; unused.
-    **options: see `Options`; `scope`, `min_size`, `exchange` and `residual_decay`
-      do not apply (nothing is left behind).
+    **options: see `Options`; `scope`, `min_size`, `exchange`, `residual_decay` and
+      the wire options do not apply (nothing is left behind; the mean travels in the
+      gradient's dtype).
   """
   if density is not None:
     validate.density(density)

@@ -5,7 +5,7 @@ selector. The update runs, per bucket of equally sized selection groups:
 
   Step 1  accumulate: acc = (velocity or g) + residual  (`error_feedback.accumulate`)
   Step 2  select k positions per group                   (the selector)
-  Step 3  exchange: read the values in the wire dtype, exchange, mean (`exchange`)
+  Step 3  exchange: read the values, code them (`wire`), exchange, mean (`exchange`)
   Step 4  keep the residual: residual' = acc - sent      (`error_feedback.keep`)
   Step 5  record statistics                              (`state.CompressionStats`)
 
@@ -30,6 +30,8 @@ import optax
 from hggjax import error_feedback as ef
 from hggjax import exchange as exchange_lib
 from hggjax import regions
+from hggjax import wire as wire_lib
+from hggjax.wire import saturating_cast
 from hggjax.kernels.bits import MIN_FAST_N
 from hggjax.payload import Payload, Selection
 from hggjax.selectors.base import Selector
@@ -152,7 +154,7 @@ def make_payload(x: jax.Array, indices: jax.Array, ok: jax.Array, wire, groups,
   values = jnp.take_along_axis(x, indices, axis=1, mode="fill", fill_value=0)
   if len(groups) == 1:
     values = _round_to_leaf_dtypes(values, indices, groups[0], leaves)
-  values = to_dtype(values, wire)
+  values = saturating_cast(values, wire)
   sent = ok & (values != 0)
   return Payload(jnp.where(sent, values, 0), jnp.where(sent, indices, n))
 
@@ -252,7 +254,7 @@ def _round_to_leaf_dtypes(values: jax.Array, indices: jax.Array, group, leaves) 
   leaf = jnp.searchsorted(jnp.asarray(ends, jnp.int32), indices, side="right")
   for dtype in sorted(set(dtypes) - {values.dtype}, key=str):
     mine = jnp.asarray([d == dtype for d in dtypes] + [False])[jnp.minimum(leaf, len(group))]
-    values = jnp.where(mine, to_dtype(values, dtype).astype(values.dtype), values)
+    values = jnp.where(mine, saturating_cast(values, dtype).astype(values.dtype), values)
   return values
 
 
@@ -268,6 +270,7 @@ def sparsify(
     key: jax.Array | int = 0,
     momentum: float = 0.0,
     residual_decay: float = 1.0,
+    wire_format: wire_lib.WireFormat = wire_lib.DEFAULT,
 ) -> optax.GradientTransformationExtraArgs:
   """Compress gradients with `selector`, exchange them, and keep the residual.
 
@@ -294,6 +297,8 @@ def sparsify(
     residual_decay: acc = g + residual_decay * residual. 1 is plain error feedback;
       below 1 the residual is a momentum buffer that sent values leave (DeMo, Peng
       et al.: the compressor then carries the momentum itself).
+    wire_format: how payload rows travel (`hggjax.wire`): the values' dtype and
+      scales, the positions' code. What rounding loses stays in the residual.
 
   The update takes one optional keyword, ``device_index``: with ``axis_name=None``
   it makes the update behave as device i of a data-parallel group would (the
@@ -348,7 +353,7 @@ def sparsify(
         leaves, state.velocity, plan.sparse + plan.dense, momentum, ok)
     out = list(leaves)  # non-floating leaves pass through untouched
     for i in plan.dense:
-      out[i] = exchange_lib.dense_mean(to_dtype(jnp.where(ok, grads[i], 0), leaves[i].dtype), slow)
+      out[i] = exchange_lib.dense_mean(saturating_cast(jnp.where(ok, grads[i], 0), leaves[i].dtype), slow)
     residual = list(stored) if error_feedback else None
     carry, stats = state.carry, _begin_stats(state.stats, plan, leaves, ok, p)
     if leader is not None and p > 1:  # the pmax that agrees on the leader: one int32
@@ -376,12 +381,16 @@ def sparsify(
       if scheme == "sparse_allreduce":  # its buckets are runs of the payload: sort first
         order = regions.region_order(payload.indices, n, p)
         payload = make_payload(x, order, ok, wire, groups, leaves)
-      mean, sent = exchange_lib.sparse_mean(payload, n, slow, scheme, positions)
+      elif wire_format.packed and slow is not None:  # the position code needs them sorted
+        order = jnp.sort(payload.indices, axis=-1)
+        payload = make_payload(x, order, ok, wire, groups, leaves)
+      mean, sent = exchange_lib.sparse_mean(payload, n, slow, scheme, positions, wire_format)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.
       rest = ef.keep(x, kept, sent.indices, sent.values, sel.threshold) if error_feedback else None
       _write_back(out, residual, mean, rest, kept, groups, leaves, axis_name)
       # Step 5: statistics.
-      traffic = exchange_lib.traffic(scheme, p, len(bucket), k, jnp.dtype(wire).itemsize)
+      traffic = exchange_lib.traffic(scheme, p, len(bucket), k, n,
+                                     wire_format.dtype(wire).itemsize, wire_format)
       stats = _record(stats, ids, sel, sent, ok, n, traffic)
 
     new_state = with_device_axis(CompressionState(
@@ -392,16 +401,6 @@ def sparsify(
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def to_dtype(x: jax.Array, dtype) -> jax.Array:
-  """`x` in `dtype`, saturating at its largest finite value instead of overflowing to
-  inf (a float16 wire holds at most 65504; what does not fit stays in the residual)."""
-  dtype = jnp.dtype(dtype)
-  if dtype.itemsize < x.dtype.itemsize and jnp.issubdtype(dtype, jnp.floating):
-    top = float(jnp.finfo(dtype).max)
-    x = jnp.clip(x, -top, top)
-  return x.astype(dtype)
 
 
 def _stored_shape(x: jax.Array, axis_name: str | None) -> jax.Array:

@@ -4,8 +4,10 @@ import math
 import numbers
 
 import jax
+import jax.numpy as jnp
 
 from hggjax.exchange import SCHEMES
+from hggjax.wire import INDEX_CODINGS, VALUE_DTYPES, WireFormat
 
 _SCOPES = ("leaf", "global")
 
@@ -105,3 +107,34 @@ def momentum(value) -> float:
         f"momentum must be a number in [0, 1), got {value!r}; 0 turns momentum "
         "correction off (then put momentum in the optimizer).")
   return float(value)
+
+
+def wire_format(value_dtype, scale_group, index_coding, scheme: str) -> WireFormat:
+  """A `WireFormat` from the constructor's options (dtype objects accepted by name)."""
+  name = None
+  if value_dtype is not None:
+    try:
+      name = jnp.dtype(value_dtype).name
+    except TypeError:
+      name = None
+    if name not in VALUE_DTYPES:
+      raise ValueError(
+          f"value_dtype must be None (values travel in the gradient's dtype) or one of "
+          f"{VALUE_DTYPES} (as a name or a jnp dtype), got {value_dtype!r}.")
+  if scale_group is not None:
+    scale_group = int_at_least("scale_group", scale_group, 1)
+    if name is None:
+      raise ValueError(
+          "scale_group gives each group of slots a float32 scale for a narrow value "
+          "dtype: pass value_dtype too (e.g. value_dtype='float8_e4m3fn', scale_group=256).")
+  if index_coding not in INDEX_CODINGS:
+    raise ValueError(
+        f"index_coding must be one of {INDEX_CODINGS} ('int32': 4 bytes a position; "
+        f"'packed': an Elias-Fano code, about 2 + log2(1/density) bits), got {index_coding!r}.")
+  fmt = WireFormat(name, scale_group, index_coding)
+  if scheme == "leader_mask" and fmt != WireFormat():
+    raise ValueError(
+        "exchange='leader_mask' sums float32 values at the leader's int32 positions; "
+        "value_dtype, scale_group and index_coding apply to exchange='allgather' and "
+        "'sparse_allreduce'.")
+  return fmt

@@ -309,7 +309,7 @@ def test_traffic_meets_the_scaling_targets_at_one_percent():
   >= 50x fewer bytes than allgather at P = 64 and 1024, below a dense ring at every P."""
   n = 25_000_000
   k = n // 100
-  received = lambda scheme, p: exchange.traffic(scheme, p, 1, k, 4)[1]  # noqa: E731
+  received = lambda scheme, p: exchange.traffic(scheme, p, 1, k, n, 4)[1]  # noqa: E731
   assert received("sparse_allreduce", 8) <= 3 * k * 8 < received("allgather", 8) == 7 * k * 8
   assert received("allgather", 64) >= 5 * received("sparse_allreduce", 64)
   assert received("allgather", 1024) >= 50 * received("sparse_allreduce", 1024)

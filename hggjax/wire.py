@@ -1,0 +1,241 @@
+"""How one row of slots travels: the values' format and the positions' code.
+
+Every row an exchange sends is one int32 array of static length (`row_words`), in
+this order:
+
+  values   the slots' values in the wire dtype, their bits packed into words
+           (``ceil(C * itemsize / 4)`` words: two bfloat16 or four float8 per word);
+  scales   with ``scale_group`` G: one float32 power-of-two scale per G slots
+           (``ceil(C / G)`` words); a slot travels as value / scale;
+  indices  ``"int32"``: one word per position. ``"packed"``: an Elias-Fano code of the
+           row's positions, which must be sorted (non-decreasing) in [0, u], u (the
+           universe) marking an unused slot: with L = floor(log2(u / C)) low bits,
+           the C low parts packed (``ceil(C * L / 32)`` words) and the high parts as a
+           unary bit vector of C + (u >> L) bits (position i sets bit
+           (p_i >> L) + i). About 2 + log2(u / C) bits a position: 8.6 at 1%.
+
+Rounding happens once, here (`encode` returns the values as they will be decoded), so
+the sender knows exactly what the receivers add, and error feedback keeps the rest:
+for a float32 value v and its decoded r (round to nearest), r is 0 or has v's sign
+with |v| / 2 <= |r| <= 2 |v| and fewer significant bits than float32, so v - r is a
+multiple of v's last bit no larger than v: exact, and ``v == r + (v - r)`` bit for bit.
+Power-of-two scales keep that (multiplying by them is exact) and always fit the group
+in the dtype's range; without a scale, a value beyond the dtype's largest (65504 for
+float16, 448 for float8_e4m3fn) is sent as that largest and the identity holds to the
+last bit of v only. Encoding and decoding
+read k-sized data only (C slots, and C + u >> L bits of the code).
+
+References:
+  Elias, `Efficient storage and retrieval by content and address of static files
+  <https://doi.org/10.1145/321812.321820>`_, JACM 1974; Fano, 1971.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hggjax.kernels import bits
+
+INDEX_CODINGS = ("int32", "packed")
+# Names accepted for value_dtype (None: the gradient's own dtype).
+VALUE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
+
+
+@dataclasses.dataclass(frozen=True)
+class WireFormat:
+  """What a compressor puts on the wire per slot (validated by `hggjax.validate`)."""
+  value_dtype: str | None = None  # one of VALUE_DTYPES; None: the payload's own dtype
+  scale_group: int | None = None  # slots per float32 scale; None: no scales
+  index_coding: str = "int32"     # one of INDEX_CODINGS
+
+  def dtype(self, payload_dtype) -> np.dtype:
+    """The dtype values travel in, for a payload of `payload_dtype`."""
+    return jnp.dtype(self.value_dtype or payload_dtype)
+
+  @property
+  def packed(self) -> bool:
+    return self.index_coding == "packed"
+
+
+DEFAULT = WireFormat()
+
+
+def low_bits(c: int, universe: int) -> int:
+  """L, the low bits each packed position keeps: floor(log2(u / C)), 0 when C >= u."""
+  return int(math.floor(math.log2(universe / c))) if universe > c else 0
+
+
+def index_words(c: int, universe: int, coding: str) -> int:
+  """Words of one row's C positions in [0, universe]."""
+  if coding == "int32":
+    return c
+  low = low_bits(c, universe)
+  return -(-c * low // 32) + -(-(c + (universe >> low)) // 32)
+
+
+def row_words(c: int, universe: int, itemsize: int, fmt: WireFormat) -> int:
+  """int32 words of one row of C slots whose values travel `itemsize` bytes each."""
+  values = -(-c * itemsize // 4)
+  scales = -(-c // fmt.scale_group) if fmt.scale_group else 0
+  return values + scales + index_words(c, universe, fmt.index_coding)
+
+
+def encode(values: jax.Array, indices: jax.Array, universe: int,
+           fmt: WireFormat) -> tuple[jax.Array, jax.Array]:
+  """(int32 words [..., `row_words`], the values as receivers decode them, float32 [..., C]).
+
+  Args:
+    values: [..., C] floating, 0 in unused slots.
+    indices: int32[..., C] positions in [0, universe]; sorted along the last axis for
+      ``"packed"``.
+    universe: the unused-slot marker, one past the largest position.
+    fmt: the wire format.
+  """
+  coded, scales = _round(values, fmt)
+  words = [_value_words(coded)]
+  if scales is not None:
+    words.append(jax.lax.bitcast_convert_type(scales, jnp.int32))
+  words.append(_encode_positions(indices, universe) if fmt.packed else indices.astype(jnp.int32))
+  return jnp.concatenate(words, axis=-1), _decoded(coded, scales, fmt)
+
+
+def decode(words: jax.Array, c: int, universe: int, payload_dtype,
+           fmt: WireFormat) -> tuple[jax.Array, jax.Array]:
+  """Inverse of `encode` on [..., W] words: (float32 values [..., C], int32 positions [..., C])."""
+  dtype = fmt.dtype(payload_dtype)
+  nv = -(-c * dtype.itemsize // 4)
+  ns = -(-c // fmt.scale_group) if fmt.scale_group else 0
+  coded = jax.lax.bitcast_convert_type(words[..., :nv], dtype)
+  coded = coded.reshape(*words.shape[:-1], -1)[..., :c]
+  scales = (jax.lax.bitcast_convert_type(words[..., nv:nv + ns], jnp.float32)
+            if ns else None)
+  code = words[..., nv + ns:]
+  indices = _decode_positions(code, c, universe) if fmt.packed else code
+  return _decoded(coded, scales, fmt), indices
+
+
+# --- values ------------------------------------------------------------------------
+
+
+def _round(values: jax.Array, fmt: WireFormat) -> tuple[jax.Array, jax.Array | None]:
+  """(values in the wire dtype, float32 scales [..., ceil(C / G)] or None)."""
+  dtype = fmt.dtype(values.dtype)
+  if not fmt.scale_group:
+    return saturating_cast(values, dtype), None
+  *lead, c = values.shape
+  g = fmt.scale_group
+  groups = -(-c // g)
+  x = jnp.pad(values.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, groups * g - c)])
+  x = x.reshape(*lead, groups, g)
+  scales = _power_of_two_scales(jnp.max(jnp.abs(x), axis=-1), float(jnp.finfo(dtype).max))
+  coded = saturating_cast(x * (1.0 / scales)[..., None], dtype)
+  return coded.reshape(*lead, groups * g)[..., :c], scales
+
+
+def _power_of_two_scales(top: jax.Array, largest: float) -> jax.Array:
+  """float32 2^e, the smallest with top / 2^e <= largest (1 for 0 or not finite)."""
+  ratio = jnp.where((top > 0) & jnp.isfinite(top), top / largest, 1.0)
+  e = jnp.clip(jnp.ceil(jnp.log2(ratio)), -126, 126).astype(jnp.int32)
+  # log2 may land one off near a power of two: one step either way settles it.
+  e = jnp.where(top * bits.exp2(-e) > largest, e + 1, e)
+  e = jnp.where((e > -126) & (top * bits.exp2(1 - e) <= largest), e - 1, e)
+  return bits.exp2(e)
+
+
+def saturating_cast(x: jax.Array, dtype) -> jax.Array:
+  """`x` in `dtype`, held at its largest finite value instead of overflowing (float8's
+  e4m3fn has no inf and would turn an overflow into NaN)."""
+  dtype = jnp.dtype(dtype)
+  if dtype.itemsize < x.dtype.itemsize and jnp.issubdtype(dtype, jnp.floating):
+    top = float(jnp.finfo(dtype).max)
+    x = jnp.clip(x, -top, top)
+  return x.astype(dtype)
+
+
+def _decoded(coded: jax.Array, scales: jax.Array | None, fmt: WireFormat) -> jax.Array:
+  """float32 [..., C]: the values as they arrive."""
+  x = coded.astype(jnp.float32)
+  if scales is None:
+    return x
+  c = x.shape[-1]
+  return x * jnp.repeat(scales, fmt.scale_group, axis=-1)[..., :c]
+
+
+def _value_words(coded: jax.Array) -> jax.Array:
+  """int32[..., ceil(C * itemsize / 4)]: the values' bits, a narrow row padded to a
+  whole word. The bitcast keeps narrow values narrow on the wire: XLA:CPU otherwise
+  moves the widening convert in front of a bfloat16 all_gather."""
+  *lead, c = coded.shape
+  size = coded.dtype.itemsize
+  if size >= 4:
+    words = jax.lax.bitcast_convert_type(coded, jnp.int32)
+    return words.reshape(*lead, c * size // 4)
+  ratio = 4 // size
+  padded = -(-c // ratio) * ratio
+  coded = jnp.pad(coded, [(0, 0)] * len(lead) + [(0, padded - c)])
+  return jax.lax.bitcast_convert_type(coded.reshape(*lead, padded // ratio, ratio), jnp.int32)
+
+
+# --- positions (Elias-Fano) --------------------------------------------------------
+
+
+def _encode_positions(indices: jax.Array, universe: int) -> jax.Array:
+  """int32[..., index_words]: packed low parts, then the unary high parts."""
+  *lead, c = indices.shape
+  low = low_bits(c, universe)
+  indices = indices.astype(jnp.int32)
+  high_bits = c + (universe >> low)
+  slot = jnp.arange(c, dtype=jnp.int32)
+  ones = (indices >> low) + slot  # strictly increasing for sorted positions
+  flat = ones.reshape(-1, c)
+  unary = jax.vmap(lambda o: jnp.zeros((_padded(high_bits),), bool).at[o].set(True))(flat)
+  words = [_pack_bits(unary.reshape(*lead, -1))]
+  if low:
+    parts = (indices[..., None] >> jnp.arange(low, dtype=jnp.int32)) & 1
+    parts = parts.reshape(*lead, c * low).astype(bool)
+    words.insert(0, _pack_bits(jnp.pad(parts, [(0, 0)] * len(lead)
+                                       + [(0, _padded(c * low) - c * low)])))
+  return jnp.concatenate(words, axis=-1)
+
+
+def _decode_positions(code: jax.Array, c: int, universe: int) -> jax.Array:
+  """int32[..., C] from `_encode_positions`'s words."""
+  *lead, _ = code.shape
+  low = low_bits(c, universe)
+  nl = -(-c * low // 32)
+  high_bits = c + (universe >> low)
+  unary = _unpack_bits(code[..., nl:])[..., :high_bits].reshape(-1, high_bits)
+  # The j-th set bit sits at (p_j >> L) + j: a prefix sum ranks the set bits.
+  rank = jnp.cumsum(unary, axis=-1, dtype=jnp.int32) - 1
+  bit = jnp.arange(high_bits, dtype=jnp.int32)
+  at = jax.vmap(lambda u, r: jnp.zeros((c,), jnp.int32).at[jnp.where(u, r, c)].set(
+      bit, mode="drop"))(unary, rank)
+  high = at.reshape(*lead, c) - jnp.arange(c, dtype=jnp.int32)
+  if not low:
+    return high
+  parts = _unpack_bits(code[..., :nl])[..., :c * low].reshape(*lead, c, low)
+  lows = jnp.sum(parts.astype(jnp.int32) << jnp.arange(low, dtype=jnp.int32), axis=-1)
+  return (high << low) | lows
+
+
+def _padded(bits: int) -> int:
+  return -(-bits // 32) * 32
+
+
+def _pack_bits(mask: jax.Array) -> jax.Array:
+  """int32[..., B / 32] from bool[..., B] (B a multiple of 32), bit j of word w = mask[32w + j]."""
+  *lead, b = mask.shape
+  lanes = mask.reshape(*lead, b // 32, 32).astype(jnp.uint32)
+  words = jnp.sum(lanes << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+  return jax.lax.bitcast_convert_type(words, jnp.int32)
+
+
+def _unpack_bits(words: jax.Array) -> jax.Array:
+  """bool[..., 32 W] from int32[..., W] (inverse of `_pack_bits`)."""
+  *lead, w = words.shape
+  u = jax.lax.bitcast_convert_type(words, jnp.uint32)
+  lanes = (u[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  return lanes.reshape(*lead, w * 32).astype(bool)
