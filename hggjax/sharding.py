@@ -144,5 +144,8 @@ def _refresh_bytes(opt_state: Any, like: jax.Array) -> jax.Array:
       continue
     per_refresh = sum(int(np.prod(np.shape(v)[1 if np.ndim(st.count) else 0:])) * 4
                       for v in jax.tree.leaves(st.shared_nu))
-    total = total + st.refreshes.astype(jnp.float32) * float(per_refresh)
+    refreshes = st.refreshes.astype(jnp.float32)
+    if refreshes.shape != total.shape:  # two levels: moments per device, stats per host
+      refreshes = jnp.broadcast_to(jnp.max(refreshes), total.shape)  # refreshed together
+    total = total + refreshes * float(per_refresh)
   return total

@@ -287,3 +287,22 @@ def test_flax_nnx_optimizer_takes_it():
 
   losses = [float(step(model, optimizer)) for _ in range(30)]
   assert losses[-1] < 0.5 * losses[0]
+
+
+def test_stats_on_a_two_level_mesh_count_the_shared_refreshes():
+  """Moments per device, the compressor's state per host: stats still add up."""
+  axis = ("hosts", "local")
+  mesh = jax.make_mesh((2, 2), axis, devices=jax.devices()[:4])
+  tx = hggjax.adamw(LR, compressor="topk", density=0.25, axis_name=axis,
+                    second_moment="shared")
+  params = _params()
+  state = hggjax.shard_state(tx.init(params), mesh, axis)
+  specs = hggjax.state_specs(state, axis)
+  step = jax.jit(jax.shard_map(_sharded_step(tx), mesh=mesh,
+                               in_specs=(P(axis), specs, P()), out_specs=(P(), specs)))
+  per = _device_grads(0)
+  stacked = {k: np.stack([g[k] for g in per]) for k in SHAPES}
+  _, state = step(jax.device_put(stacked, NamedSharding(mesh, P(axis))), state, params)
+  refresh = np.asarray(hggjax.stats(state)["refresh_bytes"])
+  dense = sum(int(np.prod(s)) * 4 for s in SHAPES.values())
+  np.testing.assert_array_equal(refresh, np.full(refresh.shape, dense, np.float32))  # step 1
