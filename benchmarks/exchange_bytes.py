@@ -32,17 +32,31 @@ import os
 import platform
 import sys
 
+from benchmarks.wire_study import WIRES
+
 PS = [2 ** i for i in range(1, 11)]
 SCHEMES = ("allgather", "sparse_allreduce")
 
 
-def analytic(n: int, density: float, local: int) -> list[dict]:
-  """One row per P: bytes received per device by each scheme (`exchange.traffic`)."""
+def _format(options: dict):
+  from hggjax import validate  # pylint: disable=import-outside-toplevel
+  return validate.wire_format(options.get("value_dtype"), options.get("scale_group"),
+                              options.get("index_coding", "int32"), "allgather")
+
+
+def analytic(n: int, density: float, local: int, wires=("int32",)) -> list[dict]:
+  """One row per P: bytes received per device by each scheme (`exchange.traffic`);
+  ``row["wire"][format][scheme]`` for each coded wire format."""
   from hggjax import exchange  # pylint: disable=import-outside-toplevel
   k = max(1, round(density * n))
   rows = []
   for p in PS:
-    row = {"P": p, "n": n, "k": k, "dense_ring": 2 * (p - 1) / p * 4 * n}
+    row = {"P": p, "n": n, "k": k, "dense_ring": 2 * (p - 1) / p * 4 * n, "wire": {}}
+    for name in wires:
+      fmt = _format(WIRES[name])
+      size = fmt.dtype("float32").itemsize
+      row["wire"][name] = {scheme: exchange.traffic(scheme, p, 1, k, n, size, fmt)[1]
+                           for scheme in SCHEMES}
     for scheme in SCHEMES:
       row[scheme] = exchange.traffic(scheme, p, 1, k, n, 4)[1]
       hosts = p // local
@@ -53,7 +67,7 @@ def analytic(n: int, density: float, local: int) -> list[dict]:
   return rows
 
 
-def measure(n: int, density: float) -> list[dict]:
+def measure(n: int, density: float, wires=("int32",)) -> list[dict]:
   """Statistics of one real step vs the formula, on fake CPU devices."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -65,16 +79,18 @@ def measure(n: int, density: float) -> list[dict]:
   from hggjax import exchange  # pylint: disable=import-outside-toplevel
 
   k = max(1, round(density * n))
-  cases = [(p, None, s) for p in (2, 4, 8) for s in SCHEMES] + [(8, 4, s) for s in SCHEMES]
+  cases = [(p, None, s, "int32") for p in (2, 4, 8) for s in SCHEMES] + [
+      (8, 4, s, "int32") for s in SCHEMES] + [
+      (8, local, s, w) for w in wires if w != "int32" for local in (None, 4) for s in SCHEMES]
   out = []
-  for p, local, scheme in cases:
+  for p, local, scheme, wire in cases:
     if local is None:
       mesh = jax.make_mesh((p,), ("data",), devices=jax.devices()[:p])
       axis = "data"
     else:
       mesh = jax.make_mesh((p // local, local), ("hosts", "local"), devices=jax.devices()[:p])
       axis = ("hosts", "local")
-    tx = hggjax.topk(density, axis_name=axis, exchange=scheme)
+    tx = hggjax.topk(density, axis_name=axis, exchange=scheme, **WIRES[wire])
     state = hggjax.shard_state(tx.init({"w": jnp.zeros(n)}), mesh, axis)
     specs = hggjax.state_specs(state, axis)
     update = jax.jit(jax.shard_map(lambda g, s: tx.update({"w": g[0]}, s), mesh=mesh,  # noqa: B023
@@ -83,8 +99,9 @@ def measure(n: int, density: float) -> list[dict]:
     _, state = update(jax.device_put(grads, NamedSharding(mesh, P(axis))), state)
     stats = hggjax.stats(state)
     over = p if local is None else p // local
-    sent, received = exchange.traffic(scheme, over, 1, k, n, 4)
-    row = {"P": p, "local": local, "scheme": scheme, "n": n, "k": k,
+    fmt = _format(WIRES[wire])
+    sent, received = exchange.traffic(scheme, over, 1, k, n, fmt.dtype("float32").itemsize, fmt)
+    row = {"P": p, "local": local, "scheme": scheme, "wire": wire, "n": n, "k": k,
            "received_bytes": float(np.asarray(stats["received_bytes"])[0]),
            "sent_bytes": float(np.asarray(stats["sent_bytes"])[0]),
            "formula_received": received, "formula_sent": sent,
@@ -111,14 +128,29 @@ def print_tables(rows: list[dict], checks: list[dict], local: int) -> None:
           f"{_mb(r['fast_dense']):>11} {r['sparse_allreduce'] / 8 / k:>11.3f}")
   if checks:
     print(f"\nmeasured statistics vs formula (n = {checks[0]['n']:,}, k = {checks[0]['k']:,}):")
-    print(f"{'P':>3} {'mesh':>6} {'scheme':<17} {'received':>10} {'formula':>10} {'sent':>9} "
-          f"{'formula':>9} {'slots/k':>8} {'delivered':>9}  ok")
+    print(f"{'P':>3} {'mesh':>6} {'scheme':<17} {'wire':<12} {'received':>10} {'formula':>10} "
+          f"{'sent':>9} {'formula':>9} {'slots/k':>8} {'delivered':>9}  ok")
     for c in checks:
       mesh = f"{c['P'] // c['local']}x{c['local']}" if c["local"] else str(c["P"])
-      print(f"{c['P']:>3} {mesh:>6} {c['scheme']:<17} {c['received_bytes']:>10.0f} "
+      print(f"{c['P']:>3} {mesh:>6} {c['scheme']:<17} {c['wire']:<12} {c['received_bytes']:>10.0f} "
             f"{c['formula_received']:>10} {c['sent_bytes']:>9.0f} {c['formula_sent']:>9} "
             f"{c['received_bytes'] / 8 / c['k']:>8.3f} {c['delivered']:>9}  "
             f"{'yes' if c['match'] else 'NO'}")
+  wires = list(rows[0]["wire"])
+  print("\nbytes per slot received (allgather: (P - 1) k slots; sparse_allreduce: (P - 1) "
+        "(bucket + share) slots), by wire format:")
+  print(f"{'P':>5} " + " ".join(f"{w + ' ' + s[:3]:>18}" for w in wires for s in SCHEMES))
+  for r in rows:
+    print(f"{r['P']:>5} " + " ".join(f"{r['wire'][w][s] / _slots(s, r['P'], k):>18.3f}"
+                                     for w in wires for s in SCHEMES))
+
+
+def _slots(scheme: str, p: int, k: int) -> int:
+  """Slots received per device (`hggjax.regions` sizes the sparse_allreduce ones)."""
+  from hggjax import regions  # pylint: disable=import-outside-toplevel
+  if scheme == "allgather":
+    return (p - 1) * k
+  return (p - 1) * (regions.bucket_capacity(k, p) + regions.region_share(k, p))
 
 
 def chart(rows: list[dict], path: str, local: int) -> None:
@@ -159,6 +191,8 @@ def _args(argv=None):
   p.add_argument("--local", type=int, default=8, help="devices per host (two-level rows)")
   p.add_argument("--check-n", type=int, default=100_000,
                  help="gradient elements of the measured check (0: skip it)")
+  p.add_argument("--wire", default="int32,bf16-packed,fp8-packed",
+                 help="wire formats (benchmarks.wire_study.WIRES), comma-separated")
   p.add_argument("--out", default="benchmarks/results/exchange_bytes.json")
   p.add_argument("--chart", default="docs/img/exchange_bytes.png", help="'' for none")
   return p.parse_args(argv)
@@ -166,12 +200,18 @@ def _args(argv=None):
 
 def main(argv=None) -> int:
   args = _args(argv)
+  wires = args.wire.split(",")
+  unknown = [w for w in wires if w not in WIRES]
+  if unknown:
+    print(f"error: unknown wire format(s) {', '.join(unknown)}; choose from {', '.join(WIRES)}",
+          file=sys.stderr)
+    return 2
   checks = []
   if args.check_n:
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_num_cpu_devices", 8)  # before the first backend use
-    checks = measure(args.check_n, args.density)
-  rows = analytic(args.n, args.density, args.local)
+    checks = measure(args.check_n, args.density, wires)
+  rows = analytic(args.n, args.density, args.local, wires)
   print_tables(rows, checks, args.local)
   by_p = {r["P"]: r for r in rows}
   targets = {
@@ -180,6 +220,8 @@ def main(argv=None) -> int:
       "sar_below_dense_at_every_P": all(r["sparse_allreduce"] < r["dense_ring"] for r in rows),
       "sar_slots_per_k_P8": by_p[8]["sparse_allreduce"] / 8 / by_p[8]["k"],
       "measured_equals_formula": all(c["match"] for c in checks) if checks else None,
+      **{f"allgather_bytes_per_slot_P8_{w}": by_p[8]["wire"][w]["allgather"] / 7 / by_p[8]["k"]
+         for w in wires},
   }
   print("\n" + json.dumps(targets))
   if args.chart:

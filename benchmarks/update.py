@@ -38,6 +38,7 @@ one-device row with the core count in mind). Prints a table and writes JSON.
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ import statistics
 import sys
 import time
 
+from benchmarks.wire_study import WIRES
 from hggjax import cpu_host
 
 ARGS = None  # parsed before JAX starts: the fake CPU device count must come first
@@ -60,6 +62,8 @@ def _parse(argv):
   p.add_argument("--axis", default="none", help="none, shard_map, or both comma-separated")
   p.add_argument("--pytree", default="", help="resnet18: also the ResNet-18 CIFAR parameter shapes")
   p.add_argument("--pipeline", action="store_true", help="add hggtopk(pipeline=True) rows")
+  p.add_argument("--wire", default="int32", help="wire formats, comma-separated: "
+                 + ", ".join(WIRES) + " (compressors' value_dtype/scale_group/index_coding)")
   p.add_argument("--breakdown", default="hggtopk", help="methods whose update is timed step by step")
   p.add_argument("--devices", type=int, default=4, help="devices of the shard_map rows")
   p.add_argument("--reps", type=int, default=7)
@@ -138,6 +142,7 @@ def run(args):
   names = sorted(hggjax.compressors) if args.methods == "all" else args.methods.split(",")
   variants = [(m, False) for m in names] + ([("hggtopk", True)] if args.pipeline else [])
   momenta = [float(m) for m in args.momentum.split(",")]
+  wires = args.wire.split(",")
   axes = args.axis.split(",")
   shapes = [((int(float(s)),), f"{float(s):.2g}") for s in args.sizes.split(",")]
   if args.pytree == "resnet18":
@@ -151,10 +156,10 @@ def run(args):
     return {f"l{i:02d}": jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32)
             for i, s in enumerate(leaves)}
 
-  def build(name, pipeline, density, momentum, axis_name):
+  def build(name, pipeline, density, momentum, axis_name, wire="int32"):
     kwargs = {"momentum": momentum, "axis_name": axis_name}
     if name != "none":
-      kwargs["density"] = density
+      kwargs.update(density=density, **WIRES[wire])
     if pipeline:
       kwargs["pipeline"] = True
     return hggjax.get_compressor(name, **kwargs)
@@ -177,16 +182,21 @@ def run(args):
       rows.append(dict(base, method="(references)", floor_ms=refs["floor"],
                        topk_ms=refs["lax.top_k"], k=k))
       print(_format(rows[-1]), flush=True)
-      for name, pipeline in variants:
+      for (name, pipeline), wire in itertools.product(variants, wires):
+        if name == "none" and wire != wires[0]:
+          continue  # a dense mean has no wire format
         for momentum in momenta:
           for axis in axes:
             if axis == "shard_map" and devices < 2:
               continue
-            row = dict(base, method=name + ("+pipeline" if pipeline else ""), momentum=momentum,
+            method = name + ("+pipeline" if pipeline else "") + (
+                "" if wire == "int32" or name == "none" else f"+{wire}")
+            row = dict(base, method=method, momentum=momentum, wire=wire,
                        axis=axis, devices=devices if axis == "shard_map" else 1, k=k,
                        floor_ms=refs["floor"], topk_ms=refs["lax.top_k"])
             if axis == "none":
-              row.update(_time_local(jax, jnp, optax, build(name, pipeline, density, momentum, None),
+              row.update(_time_local(jax, jnp, optax,
+                                     build(name, pipeline, density, momentum, None, wire),
                                      gs, args.reps, args.donate))
               if one_leaf and name != "none":
                 sel = _selector_for(selectors, name, pipeline)
@@ -199,8 +209,8 @@ def run(args):
                                               _selector_for(selectors, name, False), gs, args.reps)
             else:
               row.update(_time_sharded(jax, jnp, P, NamedSharding, hggjax,
-                                       build(name, pipeline, density, momentum, "data"), gs,
-                                       devices, args.reps, args.donate))
+                                       build(name, pipeline, density, momentum, "data", wire),
+                                       gs, devices, args.reps, args.donate))
             rows.append(row)
             print(_format(row), flush=True)
   return rows
@@ -373,6 +383,11 @@ def main(argv=None):
     print(json.dumps(saved["machine"]))
     print(table(saved["rows"]))
     return 0
+  unknown = [w for w in args.wire.split(",") if w not in WIRES]
+  if unknown:
+    print(f"error: unknown wire format(s) {', '.join(unknown)}; choose from {', '.join(WIRES)}",
+          file=sys.stderr)
+    return 2
   start = time.perf_counter()
   reused = args.malloc == "reuse" and cpu_host.reuse_freed_memory()  # before JAX starts
   rows = run(args)

@@ -202,23 +202,47 @@ def _encode_positions(indices: jax.Array, universe: int) -> jax.Array:
 
 
 def _decode_positions(code: jax.Array, c: int, universe: int) -> jax.Array:
-  """int32[..., C] from `_encode_positions`'s words."""
+  """int32[..., C] from `_encode_positions`'s words, by k-sized gathers: the word of
+  each set bit from a prefix sum of the words' popcounts, the bit by a 5-step select."""
   *lead, _ = code.shape
   low = low_bits(c, universe)
   nl = -(-c * low // 32)
-  high_bits = c + (universe >> low)
-  unary = _unpack_bits(code[..., nl:])[..., :high_bits].reshape(-1, high_bits)
-  # The j-th set bit sits at (p_j >> L) + j: a prefix sum ranks the set bits.
-  rank = jnp.cumsum(unary, axis=-1, dtype=jnp.int32) - 1
-  bit = jnp.arange(high_bits, dtype=jnp.int32)
-  at = jax.vmap(lambda u, r: jnp.zeros((c,), jnp.int32).at[jnp.where(u, r, c)].set(
-      bit, mode="drop"))(unary, rank)
-  high = at.reshape(*lead, c) - jnp.arange(c, dtype=jnp.int32)
+  slot = jnp.arange(c, dtype=jnp.int32)
+  unary = jax.lax.bitcast_convert_type(code[..., nl:], jnp.uint32).reshape(-1, code.shape[-1] - nl)
+  counts = jax.lax.population_count(unary).astype(jnp.int32)
+  ends = jnp.cumsum(counts, axis=-1)  # set bits in words 0..w
+  # Slot j's one is the (j+1)-th set bit: in the first word whose prefix count exceeds j,
+  # i.e. word j = #(words w with ends[w] <= j): a histogram of the ends over [0, C] and
+  # its prefix sum (XLA:CPU's searchsorted of C queries is several times slower).
+  hist = jax.vmap(lambda e: jnp.zeros((c + 1,), jnp.int32).at[jnp.minimum(e, c)].add(1))(ends)
+  word = jnp.cumsum(hist[:, :c], axis=1, dtype=jnp.int32)
+  rank = slot - (jnp.take_along_axis(ends, word, axis=1) - jnp.take_along_axis(counts, word, axis=1))
+  high = word * 32 + _select_bit(jnp.take_along_axis(unary, word, axis=1), rank) - slot
+  high = high.reshape(*lead, c)
   if not low:
     return high
-  parts = _unpack_bits(code[..., :nl])[..., :c * low].reshape(*lead, c, low)
-  lows = jnp.sum(parts.astype(jnp.int32) << jnp.arange(low, dtype=jnp.int32), axis=-1)
-  return (high << low) | lows
+  words = jax.lax.bitcast_convert_type(code[..., :nl], jnp.uint32)
+  words = jnp.pad(words, [(0, 0)] * len(lead) + [(0, 1)])  # a straddling last part reads it
+  at = slot * low
+  first = jnp.broadcast_to(at >> 5, (*lead, c))
+  shift = (at & 31).astype(jnp.uint32)
+  part = jnp.take_along_axis(words, first, axis=-1) >> shift
+  # The bits that spill into the next word (a shift by 32 is not defined: masked off).
+  spill = jnp.take_along_axis(words, first + 1, axis=-1) << jnp.where(shift > 0, 32 - shift, 0)
+  part = part | jnp.where(shift + low > 32, spill, 0)
+  return (high << low) | (part & ((1 << low) - 1)).astype(jnp.int32)
+
+
+def _select_bit(w: jax.Array, rank: jax.Array) -> jax.Array:
+  """int32: the position of the set bit of rank `rank` (0 = lowest) in each uint32 `w`."""
+  pos = jnp.zeros(w.shape, jnp.uint32)
+  rank = rank.astype(jnp.int32)
+  for width in (16, 8, 4, 2, 1):
+    below = jax.lax.population_count((w >> pos) & ((1 << width) - 1)).astype(jnp.int32)
+    up = rank >= below
+    pos = pos + jnp.where(up, width, 0).astype(jnp.uint32)
+    rank = rank - jnp.where(up, below, 0)
+  return pos.astype(jnp.int32)
 
 
 def _padded(bits: int) -> int:
@@ -231,11 +255,3 @@ def _pack_bits(mask: jax.Array) -> jax.Array:
   lanes = mask.reshape(*lead, b // 32, 32).astype(jnp.uint32)
   words = jnp.sum(lanes << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
   return jax.lax.bitcast_convert_type(words, jnp.int32)
-
-
-def _unpack_bits(words: jax.Array) -> jax.Array:
-  """bool[..., 32 W] from int32[..., W] (inverse of `_pack_bits`)."""
-  *lead, w = words.shape
-  u = jax.lax.bitcast_convert_type(words, jnp.uint32)
-  lanes = (u[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-  return lanes.reshape(*lead, w * 32).astype(bool)

@@ -66,6 +66,16 @@ class Config:
       "every device's k slots), sparse_allreduce (index regions reduced by their owner "
       "device, then gathered; fewer bytes for many devices) or leader_mask (ScaleCom: one "
       "device's positions in turn, every device's values there summed; docs/exchange.md)")
+  value_dtype: str | None = _field(
+      None, "dtype the compressed values travel in: bfloat16, float16, float8_e4m3fn, "
+      "float8_e5m2 or float32; what rounding loses stays in the residual (default: the "
+      "gradient's dtype; docs/exchange.md)")
+  scale_group: int | None = _field(
+      None, "with a narrow --value-dtype: one float32 scale per this many values, sent "
+      "along (float8 needs it, e.g. 256; default: no scales)")
+  index_coding: str = _field(
+      "int32", "how the positions travel: int32 (4 bytes each) or packed (an Elias-Fano "
+      "code of the sorted positions, about 2 + log2(1/density) bits each)")
   hosts: int | None = _field(
       None, "two-level mesh: split the devices into this many hosts, a 2-D mesh (hosts, "
       "devices / hosts) with axes (hosts, local); gradients are averaged dense over local, "
