@@ -25,8 +25,9 @@ class CompressionStats(NamedTuple):
   history_hit: jax.Array  # bool[G]: HGG-TopK selected from what the previous step left
                           # (its threshold accepted; pipelined: one pass, paths 0-1)
   sent_bytes: jax.Array   # float32[]: bytes of this device's own data put on the wire,
-                          # each byte once (`exchange.traffic`: packed values + int32
-                          # indices of every slot; plus dense leaves, once each)
+                          # each byte once (`exchange.traffic`: every slot's value and
+                          # position as `hggjax.wire` codes them; plus dense leaves,
+                          # once each)
   received_bytes: jax.Array  # float32[]: bytes of other devices' data arriving here
                           # (`exchange.traffic`; dense leaves as a ring all-reduce's
                           # 2 (P - 1) / P of their size); 0 without an axis. Two

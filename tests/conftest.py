@@ -14,3 +14,15 @@ jax.config.update("jax_num_cpu_devices", 8)
 assert jax.device_count() == 8
 
 NUM_DEVICES = 4  # what multi-device tests use out of the 8
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drop JAX's compiled programs after each test module: the whole suite runs in one
+  process, and the executables of hundreds of fake-device programs otherwise pile up
+  (one run of the full suite died in XLA's compiler three quarters of the way in)."""
+  yield
+  jax.clear_caches()
