@@ -31,8 +31,13 @@ def compressor_options(cfg: Config, axis_name) -> dict:
   """The options of the compressor `cfg` names (`hggjax.get_compressor`'s keywords but the
   name), exchanging over `axis_name`."""
   options = {"density": cfg.density, "axis_name": axis_name, "min_size": cfg.min_size,
-             "exchange": cfg.exchange, "value_dtype": cfg.value_dtype,
-             "scale_group": cfg.scale_group, "index_coding": cfg.index_coding}
+             "exchange": cfg.exchange}
+  # The wire options only when set, so a default config builds what it always built.
+  for name in ("value_dtype", "scale_group"):
+    if getattr(cfg, name) is not None:
+      options[name] = getattr(cfg, name)
+  if cfg.index_coding != "int32":
+    options["index_coding"] = cfg.index_coding
   if cfg.momentum_correction:
     options["momentum"] = cfg.momentum
   if cfg.use_pipeline:

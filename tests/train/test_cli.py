@@ -117,6 +117,8 @@ FLAG_CASES = [
       "dataset": "cifar10", "epochs": 9, "compressor": "topk", "density": 0.5}),
     (["--exchange", "sparse_allreduce", "--hosts", "2"],
      {"exchange": "sparse_allreduce", "hosts": 2}),
+    (["--value-dtype", "float8_e4m3fn", "--scale-group", "256", "--index-coding", "packed"],
+     {"value_dtype": "float8_e4m3fn", "scale_group": 256, "index_coding": "packed"}),
 ]
 
 
