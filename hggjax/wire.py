@@ -108,7 +108,10 @@ def decode(words: jax.Array, c: int, universe: int, payload_dtype,
   dtype = fmt.dtype(payload_dtype)
   nv = -(-c * dtype.itemsize // 4)
   ns = -(-c // fmt.scale_group) if fmt.scale_group else 0
-  coded = jax.lax.bitcast_convert_type(words[..., :nv], dtype)
+  value_words = words[..., :nv]
+  if dtype.itemsize > 4:  # float64 (x64 mode): several words make one value
+    value_words = value_words.reshape(*words.shape[:-1], c, dtype.itemsize // 4)
+  coded = jax.lax.bitcast_convert_type(value_words, dtype)
   coded = coded.reshape(*words.shape[:-1], -1)[..., :c]
   scales = (jax.lax.bitcast_convert_type(words[..., nv:nv + ns], jnp.float32)
             if ns else None)

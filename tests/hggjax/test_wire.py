@@ -1,5 +1,6 @@
 """The wire format alone: the position code and the value rounding, against NumPy."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -117,3 +118,18 @@ def test_dtype_objects_are_accepted_by_name():
   tx = hggjax.topk(0.5, value_dtype=jnp.bfloat16, index_coding="packed")
   update, _ = tx.update({"w": jnp.array([1.0, -3.0, 0.5, 2.0])}, tx.init({"w": jnp.zeros(4)}))
   np.testing.assert_array_equal(np.asarray(update["w"]), [0, -3, 0, 2])
+
+
+def test_float64_values_travel_in_two_words_each():
+  """x64 mode: a float64 value is two int32 words on the wire (decoded in float32, as
+  every mean and residual is)."""
+  with jax.enable_x64(True):
+    values = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5)))
+    idx = jnp.asarray([[0, 3, 9, 10, 10], [1, 2, 4, 5, 10]], jnp.int32)
+    for fmt in (wire.DEFAULT, wire.WireFormat(index_coding="packed")):
+      words, decoded = wire.encode(values, idx, 10, fmt)
+      assert words.shape[-1] == wire.row_words(5, 10, 8, fmt)
+      got_values, got_idx = wire.decode(words, 5, 10, jnp.float64, fmt)
+      np.testing.assert_array_equal(np.asarray(got_idx), np.asarray(idx))
+      np.testing.assert_array_equal(np.asarray(got_values), np.asarray(values, np.float32))
+      np.testing.assert_array_equal(np.asarray(decoded), np.asarray(values, np.float32))
