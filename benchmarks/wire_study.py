@@ -1,6 +1,6 @@
 """Wire formats side by side in training: the embedded defaults, one run per format and seed.
 
-    python -m benchmarks.wire_study                       # images, seeds 0 and 1 (~40 min on 2 cores)
+    python -m benchmarks.wire_study                       # images, seeds 0 and 1 (~10 min on 2 cores)
     python -m benchmarks.wire_study --task lm --seeds 0   # text, 1200 steps (~35 min)
     python -m benchmarks.wire_study --render benchmarks/results/wire_study_image_cpu.json
 

@@ -353,7 +353,8 @@ def sparsify(
         leaves, state.velocity, plan.sparse + plan.dense, momentum, ok)
     out = list(leaves)  # non-floating leaves pass through untouched
     for i in plan.dense:
-      out[i] = exchange_lib.dense_mean(saturating_cast(jnp.where(ok, grads[i], 0), leaves[i].dtype), slow)
+      out[i] = exchange_lib.dense_mean(
+          saturating_cast(jnp.where(ok, grads[i], 0), leaves[i].dtype), slow)
     residual = list(stored) if error_feedback else None
     carry, stats = state.carry, _begin_stats(state.stats, plan, leaves, ok, p)
     if leader is not None and p > 1:  # the pmax that agrees on the leader: one int32

@@ -219,7 +219,8 @@ def _decode_positions(code: jax.Array, c: int, universe: int) -> jax.Array:
   # its prefix sum (XLA:CPU's searchsorted of C queries is several times slower).
   hist = jax.vmap(lambda e: jnp.zeros((c + 1,), jnp.int32).at[jnp.minimum(e, c)].add(1))(ends)
   word = jnp.cumsum(hist[:, :c], axis=1, dtype=jnp.int32)
-  rank = slot - (jnp.take_along_axis(ends, word, axis=1) - jnp.take_along_axis(counts, word, axis=1))
+  before = jnp.take_along_axis(ends, word, axis=1) - jnp.take_along_axis(counts, word, axis=1)
+  rank = slot - before  # set bits of slot j's word that come before it
   high = word * 32 + _select_bit(jnp.take_along_axis(unary, word, axis=1), rank) - slot
   high = high.reshape(*lead, c)
   if not low:
