@@ -9,6 +9,7 @@ Every launch runs under a hard time limit; leftovers are killed with SIGKILL by 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -160,10 +161,92 @@ def test_cli_two_processes_end_to_end(tmp_path):
   assert not (log_dir / "process-1" / "checkpoints").exists()
 
 
+# The CLI flags of the run below: 16 steps per epoch, so each segment checkpoints at its end.
+SEGMENT_FLAGS = ["--dataset", "synthetic", "--batch-size", "16", "--min-size", "1000",
+                 "--density", "0.1", "--log-every", "1", "--no-profile", "--seed", "3"]
+WALL_CLOCK = ("samples_per_s", "steps_per_s", "eta_s", "wall_s")
+
+
+def _cli(args, processes: int, timeout_s: float = 300.0):
+  """`python -m train.cifar args` (through the launcher for processes > 1); its output."""
+  cmd = [sys.executable, "-m", "train.cifar", *args]
+  if processes > 1:
+    cmd = [sys.executable, "-m", "train.distributed", "-n", str(processes), "--timeout",
+           str(timeout_s), "--", "-m", "train.cifar", *args]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s + 60,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_resume_on_another_process_count_is_the_one_process_run(tmp_path, capsys):
+  """2 processes -> 1 process of 4 devices -> 2 processes again, 4 steps each, against the
+  same three segments in one process (2, 4, 2 devices): every logged number is the same,
+  bit for bit (gloo's collectives sum as XLA's do), so the checkpoints the processes wrote
+  were resharded as the one-process run resharded its own, and read back whole."""
+  from train import cli  # pylint: disable=import-outside-toplevel
+  reference = str(tmp_path / "one-process")
+  segments = [([], 2, 4), (["--resume"], 4, 8), (["--resume"], 2, 12)]
+  for flags, devices, steps in segments:
+    assert cli.main([*SEGMENT_FLAGS, *flags, "--devices", str(devices), "--steps", str(steps),
+                     "--log-dir", reference]) == 0
+  capsys.readouterr()
+
+  run = str(tmp_path / "processes")
+  out = [_cli([*SEGMENT_FLAGS, "--steps", "4", "--log-dir", run], 2),
+         _cli([*SEGMENT_FLAGS, "--resume", "--devices", "4", "--steps", "8", "--log-dir", run], 1),
+         _cli([*SEGMENT_FLAGS, "--resume", "--devices", "2", "--steps", "12", "--log-dir", run],
+              2)]
+  assert "resharded from a device axis of 2 to 4 devices" in out[1], out[1]
+  assert "resharded from a device axis of 4 to 2 devices" in out[2], out[2]
+  assert "resumed from step 8" in out[2]
+
+  def lines(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+      return [{k: v for k, v in json.loads(t).items() if k not in WALL_CLOCK} for t in f]
+  got, expected = lines(run), lines(reference)
+  assert [(e["kind"], e["step"]) for e in got] == \
+      [("train", s) for s in range(1, 5)] + [("eval", 4)] + \
+      [("train", s) for s in range(5, 9)] + [("eval", 8)] + \
+      [("train", s) for s in range(9, 13)] + [("eval", 12)]
+  # What the exchange decides is the same (every count, every byte); losses and the
+  # threshold's error agree to float32 rounding: a process's matmuls split their sums over
+  # threads as its own thread pool decides, unlike the devices of one process.
+  for a, b in zip(got, expected):
+    rounded = ("loss", "test_loss", "threshold_rel_err")
+    assert {k: v for k, v in a.items() if k not in rounded} == \
+        {k: v for k, v in b.items() if k not in rounded}
+    for key in rounded:
+      if key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["step"], key)
+  assert all(e["selected"] > 0 and e["sent_bytes"] < e["dense_bytes"]
+             for e in got if e["kind"] == "train")
+
+  # The last checkpoint, written by 2 processes, read on 4 devices of this one: the
+  # library's rule applied to the state as saved, bit for bit.
+  import hggjax  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from train import checkpoint, resume, steps  # pylint: disable=import-outside-toplevel
+  from train.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  cfg = resume.saved_config(run)
+  def template(devices):
+    return steps.create_train_state(dataclasses.replace(cfg, devices=devices), (28, 28, 1),
+                                    10, make_mesh(devices), cfg.steps).arrays()
+  saved = checkpoint.manager(os.path.join(run, "checkpoints"))
+  as_saved = checkpoint.restore(saved, 12, template(2))
+  on_4 = checkpoint.restore(saved, 12, template(4), adapt=lambda t: {
+      **t, "opt_state": hggjax.reshard_state(t["opt_state"], 4)})
+  want = hggjax.reshard_state(jax.device_get(as_saved["opt_state"]), 4)
+  for a, b in zip(jax.tree.leaves(on_4["opt_state"]), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  residual = hggjax.compression_state(on_4["opt_state"]).residual
+  assert any(r is not None and r.shape[0] == 4 and np.any(np.asarray(r) != 0)
+             for r in jax.tree.leaves(residual))
+
+
 def _resume_worker(pid: int, mesh, out_dir: str) -> None:
   """Runs "straight" (4 steps) and "split" (2, then --resume to 4), each with its own
   shared checkpoint directory; saves each run's final checkpoint as this process sees it."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
   import hggjax  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
