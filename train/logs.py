@@ -98,6 +98,11 @@ class RunLog:
     self._bar_open = False
     self._tb = None
     self._purge_step = None
+    # wall_s of every record: this process's clock since the run log opened (before the
+    # data, the model and the first compile: what a user waits for), plus the wall_s of
+    # the line a resumed run continues from, so one run's clock runs on across segments.
+    self._t0 = time.perf_counter()
+    self._wall_offset = 0.0
 
   def _path(self, name: str) -> str:
     return os.path.join(self.dir, name)
@@ -119,6 +124,8 @@ class RunLog:
     self.write_json("config.json", dataclasses.asdict(config))
 
   def record(self, entry: dict[str, Any]) -> None:
+    """Appends `entry` with its `wall_s` (seconds of the run so far, see __init__)."""
+    entry = {**entry, "wall_s": self.wall_s()}
     path = self._path("metrics.jsonl")
     try:
       with open(path, "a") as f:
@@ -133,15 +140,21 @@ class RunLog:
     if not self._tb:
       return
     for key, value in entry.items():
-      if key in ("step", "kind") or isinstance(value, bool):
-        continue
+      if key in ("step", "kind", "wall_s") or isinstance(value, bool):
+        continue  # TensorBoard keeps each event's wall time itself
       if isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
+
+  def wall_s(self) -> float:
+    """Seconds of the run so far: this segment's, after the kept lines' last `wall_s`."""
+    return self._wall_offset + time.perf_counter() - self._t0
 
   def resume_at(self, step: int) -> None:
     """Keeps the metrics.jsonl lines up to `step` (the checkpoint a resumed run starts
     from): the steps an interrupted run logged after it are trained again and logged
-    once. Lines cut off by the interruption are dropped too."""
+    once. Lines cut off by the interruption are dropped too. The kept lines' last
+    `wall_s` becomes the start of this segment's clock (the time lost to the
+    interruption, and the steps trained again, are not counted twice)."""
     self._purge_step = step + 1
     path = self._path("metrics.jsonl")
     if not os.path.isfile(path):
@@ -156,6 +169,8 @@ class RunLog:
         if isinstance(entry, dict) and isinstance(entry.get("step"), int) and \
             entry["step"] <= step:
           kept.append(text if text.endswith("\n") else text + "\n")
+          if isinstance(entry.get("wall_s"), (int, float)):
+            self._wall_offset = max(self._wall_offset, float(entry["wall_s"]))
     try:
       with open(path + ".tmp", "w") as f:
         f.writelines(kept)

@@ -14,7 +14,7 @@ from train.loop import train_and_evaluate
 
 TRAIN_KEYS = {"kind", "step", "epoch", "loss", "accuracy", "lr", "samples_per_s", "selected",
               "k", "sent_bytes", "dense_bytes", "history_hits", "threshold_rel_err",
-              "threshold_leaf"}
+              "threshold_leaf", "wall_s"}
 
 
 @pytest.mark.parametrize("name", sorted(hggjax.compressors))
@@ -32,6 +32,8 @@ def test_two_steps_every_compressor(name, tiny_config, tiny_dataset):
   evals = [r for r in records if r["kind"] == "eval"]
   assert len(train) == 1 and len(evals) == 1
   assert TRAIN_KEYS <= set(train[0]), TRAIN_KEYS - set(train[0])
+  # The run's clock: from the run directory's opening, compiling included, never back.
+  assert 0 < train[0]["wall_s"] <= evals[0]["wall_s"]
   assert math.isfinite(train[0]["loss"])
   if name == "none":
     assert train[0]["sent_bytes"] == train[0]["dense_bytes"]

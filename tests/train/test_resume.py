@@ -19,7 +19,7 @@ from train.mesh import make_mesh
 # Seed and batch differ from the defaults: a resume that fell back to them would show.
 RUN = TINY_FLAGS + ["--compressor", "topk", "--seed", "3", "--steps", "8", "--log-every", "1",
                     "--no-profile"]
-RATES = ("samples_per_s", "steps_per_s", "eta_s")  # wall-clock: differ between runs
+RATES = ("samples_per_s", "steps_per_s", "eta_s", "wall_s")  # wall-clock: differ between runs
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,10 @@ def test_resume_is_the_same_run(trained, tmp_path, tiny_cli, capsys):
     same = {k: v for k, v in before[entry["step"]].items() if k not in RATES}
     assert {k: v for k, v in entry.items() if k not in RATES} == same, entry["step"]
   assert all(e["eta_s"] is not None for e in train[1:])
+  # One clock for the run: the resumed segment's starts at the kept step 4 line's.
+  clock = [e["wall_s"] for e in after]
+  assert clock == sorted(clock) and clock[:5] == [e["wall_s"] for e in first[:5]]
+  assert after[5]["wall_s"] > after[4]["wall_s"]
 
   # TensorBoard: events next to metrics.jsonl; the resumed writer hides steps >= 5.
   events = _events(log_dir)

@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
 LM_TRAIN_KEYS = {"kind", "step", "epoch", "loss", "accuracy", "bits_per_byte", "lr",
                  "samples_per_s", "tokens_per_s", "steps_per_s", "eta_s", "nonfinite_steps",
                  "selected", "k", "sent_bytes", "dense_bytes", "threshold_rel_err",
-                 "threshold_leaf"}
-LM_EVAL_KEYS = {"kind", "step", "epoch", "valid_loss", "valid_perplexity",
+                 "threshold_leaf", "wall_s"}
+LM_EVAL_KEYS = {"kind", "step", "epoch", "wall_s", "valid_loss", "valid_perplexity",
                 "valid_bits_per_token", "valid_bits_per_byte", "valid_accuracy"}
 
 
