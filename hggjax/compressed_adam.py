@@ -246,9 +246,12 @@ def adamw_parts(
   if method == "demo" and b1 == 0:
     raise ValueError("method='demo' keeps its momentum in the residual, decayed by b1: "
                      "b1 must be in (0, 1).")
-  if "momentum" in compressor_options or "residual_decay" in compressor_options:
-    raise ValueError("adamw sets the compressor's momentum and residual_decay itself "
-                     "(Adam's first moment, or DeMo's b1): leave them out.")
+  if "momentum" in compressor_options:
+    raise ValueError("adamw keeps its momentum in Adam's first moment (or, with "
+                     "method='demo', in the residual): leave the compressor's momentum out.")
+  if method == "demo" and "residual_decay" in compressor_options:
+    raise ValueError("method='demo' decays the residual by b1 (it is DeMo's momentum): "
+                     "leave residual_decay out.")
   chunk = validate.int_at_least("chunk", chunk, 1, 4096)
   axis_name = validate.axis_name(axis_name)
   clip = (optax.clip_by_global_norm(clip_norm),) if clip_norm else ()
@@ -307,7 +310,10 @@ def adamw(learning_rate: float | optax.Schedule, **kwargs) -> optax.GradientTran
     second_moment: "local" or "shared" (with `refresh_every` and `freeze_after`).
     basis: None, or "dct" to select in chunked DCT-II coefficients of `chunk`.
     **compressor_options: passed to the compressor (e.g. ``exchange``, ``min_size``,
-      ``pipeline`` for hggtopk).
+      ``scope``, ``residual_decay``, ``pipeline`` for hggtopk). ``scope="global"``
+      lets the leaves whose Adam steps are largest take more of the budget;
+      ``residual_decay`` below 1 lets Adam steps that wait long in the residual fade
+      (docs/lm.md measures both).
 
   Returns:
     One optax transformation; with `axis_name` call its update inside ``shard_map``

@@ -25,6 +25,7 @@ CPU_DEFAULT_DEVICES = 4
 # only 32 of them without jax_enable_x64): one range that both take unchanged.
 MAX_SEED = 2**32 - 1
 NONFINITE_POLICIES = ("stop", "skip")
+SCOPES = ("leaf", "global")  # hggjax's scope option
 
 
 def _field(default: Any, doc: str) -> Any:
@@ -76,6 +77,14 @@ class Config:
   index_coding: str = _field(
       "int32", "how the positions travel: int32 (4 bytes each) or packed (an Elias-Fano "
       "code of the sorted positions, about 2 + log2(1/density) bits each)")
+  scope: str = _field(
+      "leaf", "leaf: each compressed leaf sends density x its size; global: one selection "
+      "over all compressed leaves together, density x their total, so a leaf whose "
+      "updates are larger gets more of the budget (hggjax's scope option)")
+  residual_decay: float = _field(
+      1.0, "the error-feedback residual shrinks by this factor each step before the new "
+      "gradient is added (1: plain error feedback; below 1: what waits long fades; "
+      "hggjax's residual_decay option)")
   hosts: int | None = _field(
       None, "two-level mesh: split the devices into this many hosts, a 2-D mesh (hosts, "
       "devices / hosts) with axes (hosts, local); gradients are averaged dense over local, "
@@ -227,6 +236,10 @@ def validate(cfg: Config, compressor_names, model_names, dataset_names) -> None:
     raise UsageError(f"--hosts must be >= 1, got {cfg.hosts}")
   if cfg.min_size < 0:
     raise UsageError(f"--min-size must be >= 0, got {cfg.min_size}")
+  if cfg.scope not in SCOPES:
+    raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {cfg.scope!r}")
+  if not 0.0 < cfg.residual_decay <= 1.0:
+    raise UsageError(f"--residual-decay must be in (0, 1], got {cfg.residual_decay}")
   if cfg.lr <= 0:
     raise UsageError(f"--lr must be > 0, got {cfg.lr}")
   if not 0 <= cfg.seed <= MAX_SEED:

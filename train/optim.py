@@ -38,6 +38,10 @@ def compressor_options(cfg: Config, axis_name) -> dict:
       options[name] = getattr(cfg, name)
   if cfg.index_coding != "int32":
     options["index_coding"] = cfg.index_coding
+  if cfg.scope != "leaf":
+    options["scope"] = cfg.scope
+  if cfg.residual_decay != 1.0:
+    options["residual_decay"] = cfg.residual_decay
   if cfg.momentum_correction:
     options["momentum"] = cfg.momentum
   if cfg.use_pipeline:

@@ -158,6 +158,8 @@ def _local_chain_identity(parts, grads, decay=1.0):
     ({"basis": "dct", "chunk": 8}, 1.0),
     ({"method": "demo", "basis": "dct", "chunk": 8}, 0.9),
     ({"method": "demo"}, 0.9),
+    ({"residual_decay": 0.99}, 0.99),
+    ({"scope": "global", "residual_decay": 0.9}, 0.9),
 ])
 def test_error_feedback_is_exact_for_every_mechanism(kwargs, decay):
   parts = hggjax.adamw_parts(LR, compressor="topk", density=0.1, weight_decay=WD, **kwargs)
@@ -238,6 +240,8 @@ def test_a_built_compressor_is_used_as_it_is():
     ({"refresh_every": 0}, "refresh_every"),
     ({"weight_decay": -1.0}, "weight_decay"),
     ({"momentum": 0.9}, "momentum"),
+    ({"method": "demo", "residual_decay": 0.9}, "decays the residual by b1"),
+    ({"residual_decay": 1.5}, "residual_decay"),
     ({"compressor": hggjax.topk(0.1), "method": "demo"}, "by name"),
     ({"compressor": 3}, "compressor must be"),
 ])

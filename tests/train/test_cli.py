@@ -117,6 +117,8 @@ FLAG_CASES = [
       "dataset": "cifar10", "epochs": 9, "compressor": "topk", "density": 0.5}),
     (["--exchange", "sparse_allreduce", "--hosts", "2"],
      {"exchange": "sparse_allreduce", "hosts": 2}),
+    (["--scope", "global", "--residual-decay", "0.99"],
+     {"scope": "global", "residual_decay": 0.99}),
     (["--value-dtype", "float8_e4m3fn", "--scale-group", "256", "--index-coding", "packed"],
      {"value_dtype": "float8_e4m3fn", "scale_group": 256, "index_coding": "packed"}),
 ]
@@ -166,6 +168,8 @@ def _file(tmp_path):
      "--density 0.5 has no effect with --compressor none"),
     (lambda t: ["--on-nonfinite", "ignore"], "--on-nonfinite must be one of stop, skip"),
     (lambda t: ["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+    (lambda t: ["--scope", "tensor"], "--scope must be one of leaf, global"),
+    (lambda t: ["--residual-decay", "0"], "--residual-decay must be in (0, 1]"),
     (lambda t: ["--config", _config_file(t, "def get_config():\n  return {'epochs': 'three'}\n")],
      "field epochs must be int, got str 'three'"),
     (lambda t: ["--config", _config_file(

@@ -20,6 +20,8 @@ from train.mesh import AXIS
     ({"use_pipeline": True}, {"momentum": 0.9, "pipeline": True}),
     ({"compressor": "none", "momentum": 0.5}, {"momentum": 0.5}),
     ({"exchange": "sparse_allreduce"}, {"momentum": 0.9, "exchange": "sparse_allreduce"}),
+    ({"scope": "global", "residual_decay": 0.99},
+     {"momentum": 0.9, "scope": "global", "residual_decay": 0.99}),
 ])
 def test_make_compressor_passes_the_config(compressor_calls, overrides, options):
   cfg = dataclasses.replace(Config(density=0.05, min_size=7), **overrides)

@@ -171,6 +171,9 @@ def validate_lm(cfg: LMConfig, compressor_names, n_devices: int | None = None) -
                      "compressor and Adam before it (--adam before_compression or auto)")
   if cfg.method == "demo" and cfg.second_moment != "local":
     raise UsageError("--method demo keeps no second moment: leave --second-moment local")
+  if cfg.method == "demo" and cfg.residual_decay != 1.0:
+    raise UsageError("--method demo decays the residual by --b1 (it is DeMo's momentum): "
+                     "leave --residual-decay out")
   if cfg.method == "demo" and cfg.b1 == 0:
     raise UsageError("--method demo keeps its momentum in the residual, decayed by --b1: "
                      "--b1 must be above 0")

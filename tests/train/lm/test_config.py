@@ -86,6 +86,7 @@ def test_config_import_is_light():
     ({"basis": "fft"}, "--basis"),
     ({"method": "demo", "second_moment": "shared"}, "keeps no second moment"),
     ({"method": "demo", "b1": 0.0}, "--b1"),
+    ({"method": "demo", "residual_decay": 0.9}, "leave --residual-decay out"),
     ({"basis": "dct", "compressor": "none"}, "needs a compressor"),
     ({"second_moment": "shared", "adam": "after_exchange"}, "needs a compressor"),
     ({"refresh_every": 0}, "--refresh-every"),
