@@ -24,34 +24,32 @@ import sys
 # 3% of the elements cost fewer bytes than 1% in float32 + int32.
 FP8_PACKED = ["--value-dtype", "float8_e4m3fn", "--scale-group", "256", "--index-coding", "packed"]
 
-RUNS = {  # name -> flags of python -m train.lm
+RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "none": ["--compressor", "none"],
     "none-adam-before": ["--compressor", "none", "--adam", "before_compression"],
-    "hggtopk-local": [],
-    "hggtopk-local-d0.05": ["--density", "0.05"],
-    "hggtopk-shared": ["--second-moment", "shared"],
-    "hggtopk-shared-r4": ["--second-moment", "shared", "--refresh-every", "4"],
-    "hggtopk-dct": ["--basis", "dct"],
-    "hggtopk-shared-dct": ["--second-moment", "shared", "--basis", "dct"],
-    "hggtopk-demo": ["--method", "demo"],
-    "hggtopk-demo-dct": ["--method", "demo", "--basis", "dct"],
-    "hggtopk-leader": ["--exchange", "leader_mask"],
-    "hggtopk-adam-after": ["--adam", "after_exchange"],
     "none-lr3e-3": ["--compressor", "none", "--lr", "0.003"],
     "none-adam-before-lr3e-3": ["--compressor", "none", "--adam", "before_compression",
                                 "--lr", "0.003"],
+    "hggtopk-local": [],
+    "hggtopk-local-d0.05": ["--density", "0.05"],
     "hggtopk-lr3e-3": ["--lr", "0.003"],
-    "hggtopk-demo-lr5e-4": ["--method", "demo", "--lr", "0.0005"],
-    "hggtopk-demo-dct-lr5e-4": ["--method", "demo", "--basis", "dct", "--lr", "0.0005"],
     "hggtopk-global": ["--scope", "global"],
     "hggtopk-decay0.99": ["--residual-decay", "0.99"],
     "hggtopk-d0.03-fp8": ["--density", "0.03", *FP8_PACKED],
     "hggtopk-decay0.99-d0.03-fp8": ["--residual-decay", "0.99", "--density", "0.03",
                                     *FP8_PACKED],
-    "hggtopk-global-decay0.99": ["--scope", "global", "--residual-decay", "0.99"],
-    "hggtopk-global-d0.03-fp8": ["--scope", "global", "--density", "0.03", *FP8_PACKED],
     "hggtopk-global-decay0.99-d0.03-fp8": ["--scope", "global", "--residual-decay", "0.99",
                                            "--density", "0.03", *FP8_PACKED],
+    "hggtopk-shared": ["--second-moment", "shared"],
+    "hggtopk-shared-r4": ["--second-moment", "shared", "--refresh-every", "4"],
+    "hggtopk-dct": ["--basis", "dct"],
+    "hggtopk-shared-dct": ["--second-moment", "shared", "--basis", "dct"],
+    "hggtopk-demo": ["--method", "demo"],
+    "hggtopk-demo-lr5e-4": ["--method", "demo", "--lr", "0.0005"],
+    "hggtopk-demo-dct": ["--method", "demo", "--basis", "dct"],
+    "hggtopk-demo-dct-lr5e-4": ["--method", "demo", "--basis", "dct", "--lr", "0.0005"],
+    "hggtopk-leader": ["--exchange", "leader_mask"],
+    "hggtopk-adam-after": ["--adam", "after_exchange"],
 }
 
 

@@ -179,6 +179,7 @@ def _cli(args, processes: int, timeout_s: float = 300.0):
   return proc.stdout
 
 
+@pytest.mark.slow  # five runs of 2, 1 and 2 processes: ~3 min on 2 cores
 def test_resume_on_another_process_count_is_the_one_process_run(tmp_path, capsys):
   """2 processes -> 1 process of 4 devices -> 2 processes again, 4 steps each, against the
   same three segments in one process (2, 4, 2 devices): every logged number is the same,

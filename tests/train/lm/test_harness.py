@@ -114,8 +114,9 @@ def _final_state(cfg, corpus):
 @pytest.mark.parametrize("mechanism", [
     {},
     # hggjax.adamw's other state: a shared second moment (refreshed after steps 1, 2, 4)
-    # and selection in DCT coefficients.
-    {"second_moment": "shared", "refresh_every": 2, "basis": "dct", "dct_chunk": 16},
+    # and selection in DCT coefficients (~40 s).
+    pytest.param({"second_moment": "shared", "refresh_every": 2, "basis": "dct",
+                  "dct_chunk": 16}, marks=pytest.mark.slow),
 ])
 def test_resume_is_bit_identical(lm_config, tiny_corpus, tmp_path, mechanism):
   """2 steps, checkpoint, resume for 2 more == 4 straight steps, leaf by leaf: parameters,
