@@ -49,6 +49,8 @@ RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "hggtopk-demo-dct": ["--method", "demo", "--basis", "dct"],
     "hggtopk-demo-dct-lr5e-4": ["--method", "demo", "--basis", "dct", "--lr", "0.0005"],
     "hggtopk-leader": ["--exchange", "leader_mask"],
+    "hggtopk-union": ["--exchange", "union_mask"],
+    "hggtopk-union-d0.004": ["--exchange", "union_mask", "--density", "0.004"],
     "hggtopk-adam-after": ["--adam", "after_exchange"],
 }
 

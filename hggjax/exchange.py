@@ -1,6 +1,6 @@
 """The only module that calls collectives.
 
-Two ways to exchange each device's fixed-capacity payload (`SCHEMES`); both return
+Four ways to exchange each device's fixed-capacity payload (`SCHEMES`); both return
 the mean over devices, the same on every device, and what of this device's payload
 reached it (its "delivered" slots: the transform keeps the rest in the residual).
 
@@ -22,6 +22,12 @@ reached it (its "delivered" slots: the transform keeps the rest in the residual)
   ``psum`` of k values gives the mean. The exchange is a reduction of fixed size,
   the same whatever P: 2 (P - 1) / P of k values and k positions received per device.
   Every slot is delivered.
+- "union_mask": every device's k positions reach every device (one ``all_gather`` of
+  k int32), and every device sends its own accumulated values at all of them, each
+  position once (`union_positions`): one ``psum`` of P k values gives the mean there.
+  Where any device selected, the mean holds every device's part, not only the
+  selecting devices'. Each device sends k positions and P k values and receives
+  (P - 1) k positions and 2 (P - 1) of k values. Every slot is delivered.
 
 No dense collective of a mostly-zero tensor is ever issued; leaves that are sent
 dense (the ``none`` compressor, leaves under ``min_size``, the fast axis of a
@@ -37,7 +43,7 @@ from hggjax import regions
 from hggjax import wire
 from hggjax.payload import Payload
 
-SCHEMES = ("allgather", "sparse_allreduce", "leader_mask")
+SCHEMES = ("allgather", "sparse_allreduce", "leader_mask", "union_mask")
 MAX_POSITION = 2**31 - 1  # positions and region keys travel as int32
 
 
@@ -74,6 +80,19 @@ def leader_positions(indices: jax.Array, leader: jax.Array, axis_name: str | Non
   return jax.lax.psum(mine, axis_name)
 
 
+def union_positions(indices: jax.Array, axis_name: str | None, n: int) -> jax.Array:
+  """int32[m, P * C]: every device's `indices` on every device ("union_mask"), sorted,
+  a position chosen by several devices kept once and the repeats set to n (unused), so
+  that no value is summed twice. Unused slots (index n) may come in."""
+  if axis_name is None:
+    return indices
+  got = jax.lax.all_gather(indices, axis_name, to="invarying")  # [P, m, C]
+  m = got.shape[1]
+  flat = jnp.sort(got.transpose(1, 0, 2).reshape(m, -1), axis=-1)
+  repeat = jnp.concatenate([jnp.zeros((m, 1), bool), flat[:, 1:] == flat[:, :-1]], axis=1)
+  return jnp.where(repeat, n, flat)
+
+
 def leader_count(count: jax.Array, axis_name: str | None) -> jax.Array:
   """int32[]: the largest step count over devices, the same on all (a device that skipped
   a non-finite step counts one fewer): the leader is this modulo P."""
@@ -105,7 +124,7 @@ def sparse_mean(payload: Payload, n: int, axis_name: str | None,
     return densify_mean(delivered.values[None], delivered.indices[None], n), delivered
   if scheme == "sparse_allreduce":
     return _sparse_allreduce(payload, n, axis_name, fmt)
-  if scheme == "leader_mask":  # `positions`: `leader_positions`, the same on every device
+  if scheme in ("leader_mask", "union_mask"):  # `positions`: the same on every device
     return _leader_mean(payload, n, axis_name, positions)
   c = payload.values.shape[-1]
   words, decoded = wire.encode(payload.values, payload.indices, n, fmt)
@@ -167,8 +186,8 @@ def _sparse_allreduce(payload: Payload, n: int, axis_name: str,
 
 def _leader_mean(payload: Payload, n: int, axis_name: str,
                  positions: jax.Array) -> tuple[jax.Array, Payload]:
-  """ScaleCom's reduction: every device's values at the leader's `positions`, summed.
-  `payload` holds this device's values there (slots it leaves unused carry 0)."""
+  """Every device's values at the shared `positions` (the leader's, or the union),
+  summed. `payload` holds this device's values there (slots it leaves unused carry 0)."""
   p = axis_size(axis_name)
   # Summed in float32: a narrower sum would round at every hop (and XLA:CPU widens a
   # bfloat16 all-reduce to float32 anyway).
@@ -195,9 +214,15 @@ def traffic(scheme: str, p: int, m: int, c: int, n: int, itemsize: int,
     P - 1 in (positions of a region, `region_size`, coded as `fmt` says);
   - "leader_mask": two reductions, of c int32 positions and c float32 values (a sum
     is kept in float32 whatever the wire dtype): sent once each, received as a ring
-    all-reduce's 2 (P - 1) / P of them.
+    all-reduce's 2 (P - 1) / P of them;
+  - "union_mask": an all_gather of c int32 positions (sent once, P - 1 received) and
+    a reduction of P c float32 values (sent once, 2 (P - 1) / P of them received).
   row(c) is `row_bytes`. Without an exchange (p = 1) nothing is received.
   """
+  if scheme == "union_mask":
+    positions, values = m * c * 4, m * c * p * 4
+    return positions + values, ((p - 1) * positions + 2.0 * (p - 1) / p * values
+                                if p > 1 else 0)
   if scheme == "leader_mask":
     nbytes = m * c * 8
     return nbytes, (2.0 * (p - 1) / p * nbytes if p > 1 else 0)

@@ -25,7 +25,10 @@ Options shared by every constructor (`Options`):
     each step one device in turn selects, every device sends its own values at
     those k positions, and a reduction of k values and k positions gives the mean
     (received bytes do not grow with P; what a device had at other positions
-    stays in its residual). Without an axis it makes no difference.
+    stays in its residual). "union_mask": every device's k positions are
+    gathered and every device sends its values at all of them (each once), so
+    the mean at each of them holds every device's part; k positions and P k
+    values sent per device. Without an axis it makes no difference.
   scope: "leaf" (default) selects k = max(1, round(density * n)) elements
     within every leaf, as HGG-TopK does per layer, and it keeps every layer
     learning: one global threshold starves layers whose gradients are small in

@@ -286,7 +286,8 @@ def sparsify(
       over the fast axis first and compresses and exchanges over the slow axis only;
       the devices of one slow-axis position then select alike and keep equal
       residuals (one per host, replicated on its devices).
-    exchange: "allgather", "sparse_allreduce" or "leader_mask" (`hggjax.exchange`).
+    exchange: "allgather", "sparse_allreduce", "leader_mask" or "union_mask"
+      (`hggjax.exchange`).
     scope: "leaf" selects within each leaf, "global" over all compressed leaves
       concatenated.
     min_size: leaves with fewer elements are sent dense (averaged, no residual).
@@ -378,6 +379,8 @@ def sparsify(
       positions = sel.indices
       if scheme == "leader_mask":  # every device sends its values at the leader's positions
         positions = exchange_lib.leader_positions(sel.indices, leader, slow)
+      elif scheme == "union_mask":  # ... at every device's positions (a skipped step adds none)
+        positions = exchange_lib.union_positions(jnp.where(ok, sel.indices, n), slow, n)
       payload = make_payload(x, positions, ok, wire, groups, leaves)
       if scheme == "sparse_allreduce":  # its buckets are runs of the payload: sort first
         order = regions.region_order(payload.indices, n, p)

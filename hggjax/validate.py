@@ -84,7 +84,8 @@ def exchange(value) -> str:
         f"exchange must be one of {SCHEMES} ('allgather' gathers every device's "
         f"slots; 'sparse_allreduce' sends each index region to one owner and gathers "
         f"the owners' choices, fewer bytes for many devices; 'leader_mask' sums every "
-        f"device's values at one device's positions, in turn), got {value!r}.")
+        f"device's values at one device's positions, in turn; 'union_mask' sums every "
+        f"device's values at every device's positions), got {value!r}.")
   return value
 
 
@@ -132,9 +133,9 @@ def wire_format(value_dtype, scale_group, index_coding, scheme: str) -> WireForm
         f"index_coding must be one of {INDEX_CODINGS} ('int32': 4 bytes a position; "
         f"'packed': an Elias-Fano code, about 2 + log2(1/density) bits), got {index_coding!r}.")
   fmt = WireFormat(name, scale_group, index_coding)
-  if scheme == "leader_mask" and fmt != WireFormat():
+  if scheme in ("leader_mask", "union_mask") and fmt != WireFormat():
     raise ValueError(
-        "exchange='leader_mask' sums float32 values at the leader's int32 positions; "
+        f"exchange={scheme!r} sums float32 values at shared int32 positions; "
         "value_dtype, scale_group and index_coding apply to exchange='allgather' and "
         "'sparse_allreduce'.")
   return fmt

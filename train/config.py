@@ -65,8 +65,9 @@ class Config:
   exchange: str = _field(
       "allgather", "how the compressed gradients travel: allgather (every device gathers "
       "every device's k slots), sparse_allreduce (index regions reduced by their owner "
-      "device, then gathered; fewer bytes for many devices) or leader_mask (ScaleCom: one "
-      "device's positions in turn, every device's values there summed; docs/exchange.md)")
+      "device, then gathered; fewer bytes for many devices), leader_mask (ScaleCom: one "
+      "device's positions in turn, every device's values there summed) or union_mask "
+      "(every device's positions, every device's values there summed; docs/exchange.md)")
   value_dtype: str | None = _field(
       None, "dtype the compressed values travel in: bfloat16, float16, float8_e4m3fn, "
       "float8_e5m2 or float32; what rounding loses stays in the residual (default: the "
