@@ -31,6 +31,7 @@ RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "none-adam-before-lr3e-3": ["--compressor", "none", "--adam", "before_compression",
                                 "--lr", "0.003"],
     "hggtopk-local": [],
+    "hggtopk-local-d0.005": ["--density", "0.005"],
     "hggtopk-local-d0.05": ["--density", "0.05"],
     "hggtopk-lr3e-3": ["--lr", "0.003"],
     "hggtopk-global": ["--scope", "global"],
