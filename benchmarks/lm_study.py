@@ -39,6 +39,7 @@ RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "hggtopk-d0.03-fp8": ["--density", "0.03", *FP8_PACKED],
     "hggtopk-decay0.99-d0.03-fp8": ["--residual-decay", "0.99", "--density", "0.03",
                                     *FP8_PACKED],
+    "hggtopk-global-fp8": ["--scope", "global", *FP8_PACKED],
     "hggtopk-global-decay0.99-d0.03-fp8": ["--scope", "global", "--residual-decay", "0.99",
                                            "--density", "0.03", *FP8_PACKED],
     "hggtopk-shared": ["--second-moment", "shared"],
