@@ -1,6 +1,6 @@
 """The only module that calls collectives.
 
-Four ways to exchange each device's fixed-capacity payload (`SCHEMES`); both return
+Four ways to exchange each device's fixed-capacity payload (`SCHEMES`); all return
 the mean over devices, the same on every device, and what of this device's payload
 reached it (its "delivered" slots: the transform keeps the rest in the residual).
 
@@ -81,9 +81,9 @@ def leader_positions(indices: jax.Array, leader: jax.Array, axis_name: str | Non
 
 
 def union_positions(indices: jax.Array, axis_name: str | None, n: int) -> jax.Array:
-  """int32[m, P * C]: every device's `indices` on every device ("union_mask"), sorted,
-  a position chosen by several devices kept once and the repeats set to n (unused), so
-  that no value is summed twice. Unused slots (index n) may come in."""
+  """int32[m, P * C]: every device's `indices` on every device ("union_mask"), in
+  ascending order, a position chosen by several devices kept once (its repeats become n,
+  unused slots) so that no device's value there is summed twice."""
   if axis_name is None:
     return indices
   got = jax.lax.all_gather(indices, axis_name, to="invarying")  # [P, m, C]
