@@ -1,7 +1,5 @@
 """exchange="leader_mask" (ScaleCom's cyclic top-k): one device's positions for all."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,30 +8,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hggjax
 from tests.conftest import NUM_DEVICES
-from tests.hggjax import helpers, hlo_bytes
+from tests.hggjax import helpers, hlo_bytes, shared_positions
 
-SHAPES = {"b": (10,), "w": (64, 32)}
-DENSITY = 0.05
+SHAPES, DENSITY = shared_positions.SHAPES, shared_positions.DENSITY
 
 
 def _setup(dtype=jnp.float32, shapes=SHAPES):
-  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), devices=jax.devices()[:NUM_DEVICES])
-  tx = hggjax.topk(DENSITY, axis_name="data", exchange="leader_mask")
-  params = {k: jnp.zeros(s, dtype) for k, s in shapes.items()}
-  state = hggjax.shard_state(tx.init(params), mesh, "data")
-  specs = hggjax.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), specs),
-                     out_specs=(P(), specs))
-  def update(grads, state):
-    return tx.update(jax.tree.map(lambda g: g[0], grads), state)
-  return mesh, state, update
+  return shared_positions.sharded_update("leader_mask", dtype, shapes)
 
 
-def _grads(step, shapes=SHAPES, dtype=np.float32):
-  per = [helpers.gradients(100 * step + d, shapes=shapes, dtype=dtype) for d in range(NUM_DEVICES)]
-  return {k: np.stack([g[k] for g in per]) for k in shapes}
+_grads = shared_positions.device_grads
 
 
 def test_every_device_sends_its_values_at_the_leaders_positions_in_turn():

@@ -10,30 +10,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hggjax
 from tests.conftest import NUM_DEVICES
-from tests.hggjax import helpers, hlo_bytes
+from tests.hggjax import helpers, hlo_bytes, shared_positions
 
-SHAPES = {"b": (10,), "w": (64, 32)}
-DENSITY = 0.05
+SHAPES, DENSITY = shared_positions.SHAPES, shared_positions.DENSITY
 
 
 def _setup(dtype=jnp.float32, shapes=SHAPES):
-  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), devices=jax.devices()[:NUM_DEVICES])
-  tx = hggjax.topk(DENSITY, axis_name="data", exchange="union_mask")
-  params = {k: jnp.zeros(s, dtype) for k, s in shapes.items()}
-  state = hggjax.shard_state(tx.init(params), mesh, "data")
-  specs = hggjax.state_specs(state, "data")
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), specs),
-                     out_specs=(P(), specs))
-  def update(grads, state):
-    return tx.update(jax.tree.map(lambda g: g[0], grads), state)
-  return mesh, state, update
+  return shared_positions.sharded_update("union_mask", dtype, shapes)
 
 
-def _grads(step, shapes=SHAPES, dtype=np.float32):
-  per = [helpers.gradients(100 * step + d, shapes=shapes, dtype=dtype) for d in range(NUM_DEVICES)]
-  return {k: np.stack([g[k] for g in per]) for k in shapes}
+_grads = shared_positions.device_grads
 
 
 def _union(acc: np.ndarray, skip=()) -> np.ndarray:
