@@ -1,11 +1,12 @@
 """`hggjax.adamw`'s mechanisms side by side: one `python -m train.lm` run each, one table.
 
-    python -m benchmarks.lm_study                          # 300 steps, seed 0 (~1 h on 2 cores)
+    python -m benchmarks.lm_study                          # 300 steps, seed 0 (~1.5 h on 2 cores)
     python -m benchmarks.lm_study --steps 1200 --seed 1 --runs none,hggtopk-local
     python -m benchmarks.lm_study --render benchmarks/results/lm_adamw_study_300steps_cpu.json
 
 Every run is the embedded default (`python -m train.lm`: tiny transformer, stdlib bytes, 4
-devices, hggtopk at 1%, Adam's moments per device before the compressor) with the flags in
+devices, hggtopk at 1% of all compressed leaves together, Adam's moments per device before
+the compressor) with the flags in
 `RUNS`, plus ``--steps --seed --no-checkpoint --no-profile`` and ``--log-dir
 <log-dir>/<name>``. A run whose summary.json exists is read, not rerun. The table has each
 run's final validation loss, its gap to the ``none`` run (standard AdamW on the mean
@@ -24,36 +25,40 @@ import sys
 # 3% of the elements cost fewer bytes than 1% in float32 + int32.
 FP8_PACKED = ["--value-dtype", "float8_e4m3fn", "--scale-group", "256", "--index-coding", "packed"]
 
+# Selection per leaf: python -m train.lm selects over all compressed leaves at once by
+# default; the per-leaf rows say so, so that each row's flags name its run whatever the default.
+LEAF = ["--scope", "leaf"]
+
 RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "none": ["--compressor", "none"],
     "none-adam-before": ["--compressor", "none", "--adam", "before_compression"],
     "none-lr3e-3": ["--compressor", "none", "--lr", "0.003"],
     "none-adam-before-lr3e-3": ["--compressor", "none", "--adam", "before_compression",
                                 "--lr", "0.003"],
-    "hggtopk-local": [],
-    "hggtopk-local-d0.005": ["--density", "0.005"],
-    "hggtopk-local-d0.05": ["--density", "0.05"],
-    "hggtopk-lr3e-3": ["--lr", "0.003"],
+    "hggtopk-local": LEAF,
+    "hggtopk-local-d0.005": [*LEAF, "--density", "0.005"],
+    "hggtopk-local-d0.05": [*LEAF, "--density", "0.05"],
+    "hggtopk-lr3e-3": [*LEAF, "--lr", "0.003"],
     "hggtopk-global": ["--scope", "global"],
-    "hggtopk-decay0.99": ["--residual-decay", "0.99"],
-    "hggtopk-d0.03-fp8": ["--density", "0.03", *FP8_PACKED],
-    "hggtopk-decay0.99-d0.03-fp8": ["--residual-decay", "0.99", "--density", "0.03",
+    "hggtopk-decay0.99": [*LEAF, "--residual-decay", "0.99"],
+    "hggtopk-d0.03-fp8": [*LEAF, "--density", "0.03", *FP8_PACKED],
+    "hggtopk-decay0.99-d0.03-fp8": [*LEAF, "--residual-decay", "0.99", "--density", "0.03",
                                     *FP8_PACKED],
     "hggtopk-global-fp8": ["--scope", "global", *FP8_PACKED],
     "hggtopk-global-decay0.99-d0.03-fp8": ["--scope", "global", "--residual-decay", "0.99",
                                            "--density", "0.03", *FP8_PACKED],
-    "hggtopk-shared": ["--second-moment", "shared"],
-    "hggtopk-shared-r4": ["--second-moment", "shared", "--refresh-every", "4"],
-    "hggtopk-dct": ["--basis", "dct"],
-    "hggtopk-shared-dct": ["--second-moment", "shared", "--basis", "dct"],
-    "hggtopk-demo": ["--method", "demo"],
-    "hggtopk-demo-lr5e-4": ["--method", "demo", "--lr", "0.0005"],
-    "hggtopk-demo-dct": ["--method", "demo", "--basis", "dct"],
-    "hggtopk-demo-dct-lr5e-4": ["--method", "demo", "--basis", "dct", "--lr", "0.0005"],
-    "hggtopk-leader": ["--exchange", "leader_mask"],
-    "hggtopk-union": ["--exchange", "union_mask"],
-    "hggtopk-union-d0.004": ["--exchange", "union_mask", "--density", "0.004"],
-    "hggtopk-adam-after": ["--adam", "after_exchange"],
+    "hggtopk-shared": [*LEAF, "--second-moment", "shared"],
+    "hggtopk-shared-r4": [*LEAF, "--second-moment", "shared", "--refresh-every", "4"],
+    "hggtopk-dct": [*LEAF, "--basis", "dct"],
+    "hggtopk-shared-dct": [*LEAF, "--second-moment", "shared", "--basis", "dct"],
+    "hggtopk-demo": [*LEAF, "--method", "demo"],
+    "hggtopk-demo-lr5e-4": [*LEAF, "--method", "demo", "--lr", "0.0005"],
+    "hggtopk-demo-dct": [*LEAF, "--method", "demo", "--basis", "dct"],
+    "hggtopk-demo-dct-lr5e-4": [*LEAF, "--method", "demo", "--basis", "dct", "--lr", "0.0005"],
+    "hggtopk-leader": [*LEAF, "--exchange", "leader_mask"],
+    "hggtopk-union": [*LEAF, "--exchange", "union_mask"],
+    "hggtopk-union-d0.004": [*LEAF, "--exchange", "union_mask", "--density", "0.004"],
+    "hggtopk-adam-after": [*LEAF, "--adam", "after_exchange"],
 }
 
 

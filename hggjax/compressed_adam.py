@@ -202,6 +202,7 @@ def adamw_parts(
     freeze_after: int | None = None,
     basis: str | None = None,
     chunk: int = 64,
+    scope: str | None = None,
     **compressor_options,
 ) -> ChainParts:
   """`adamw`'s chain, cut around its compressor (for harnesses that time or probe the
@@ -215,7 +216,7 @@ def adamw_parts(
                      f"{compressor!r}.")
   if not built and compressor not in compressors:
     raise ValueError(f"unknown compressor {compressor!r}; choose one of {sorted(compressors)}.")
-  if built and (method == "demo" or compressor_options):
+  if built and (method == "demo" or compressor_options or scope is not None):
     raise ValueError("with a built compressor, pass its options to its constructor; "
                      "method='demo' sets the compressor's residual_decay, so it needs the "
                      "compressor by name (compressor='hggtopk', density=...).")
@@ -265,7 +266,11 @@ def adamw_parts(
   if built:
     tx = compressor
   else:
-    options = dict(compressor_options, density=density, axis_name=axis_name)
+    # One selection over all compressed leaves: Adam's steps are about one learning-rate
+    # unit everywhere, so magnitudes compare across leaves, and the leaves that move
+    # most take more of the budget (docs/lm.md measures it against "leaf").
+    options = dict(compressor_options, density=density, axis_name=axis_name,
+                   scope="global" if scope is None else scope)
     if method == "demo":
       options["residual_decay"] = b1
     tx = get_compressor(compressor, **options)
@@ -298,7 +303,8 @@ def adamw(learning_rate: float | optax.Schedule, **kwargs) -> optax.GradientTran
       mean gradient), or a compressor built with the same `axis_name`, e.g.
       ``hggjax.hggtopk(0.01, axis_name="data")`` (then `density` and the options
       are its own).
-    density: the compressor's share of elements sent per leaf (with a name).
+    density: the compressor's share of elements sent (with a name): of all compressed
+      leaves together by default, of each leaf with ``scope="leaf"``.
     axis_name: the mapped axis (or (slow, fast) pair) the compressor exchanges over;
       Adam's moments are kept per device along it.
     b1, b2, eps: Adam's (b1 is DeMo's momentum decay with ``method="demo"``).
@@ -309,11 +315,13 @@ def adamw(learning_rate: float | optax.Schedule, **kwargs) -> optax.GradientTran
     method: "adam" (Adam's moments per device, before the compressor) or "demo".
     second_moment: "local" or "shared" (with `refresh_every` and `freeze_after`).
     basis: None, or "dct" to select in chunked DCT-II coefficients of `chunk`.
+    scope: the named compressor's selection: None or "global" (one top-k over all
+      compressed leaves together, so the leaves whose Adam steps are largest take more
+      of the budget; closer to dense than "leaf" in every transformer run of
+      docs/lm.md) or "leaf" (k per leaf, the compressors' own default).
     **compressor_options: passed to the compressor (e.g. ``exchange``, ``min_size``,
-      ``scope``, ``residual_decay``, ``pipeline`` for hggtopk). ``scope="global"``
-      lets the leaves whose Adam steps are largest take more of the budget;
-      ``residual_decay`` below 1 lets Adam steps that wait long in the residual fade
-      (docs/lm.md measures both).
+      ``residual_decay``, ``pipeline`` for hggtopk). ``residual_decay`` below 1 lets
+      Adam steps that wait long in the residual fade (docs/lm.md measures it).
 
   Returns:
     One optax transformation; with `axis_name` call its update inside ``shard_map``

@@ -1,8 +1,9 @@
 """What the training log reports about the compressor, beyond the loss.
 
-The threshold probe computes, for the largest parameter leaf, the exact k-th largest
-|acc| per device: the reference the compressor's own threshold
-(`hggjax.stats(...)["threshold"]`) is compared to in metrics.jsonl.
+The threshold probe computes, for the largest parameter leaf (with scope="global": for
+all compressed leaves together, one selection group), the exact k-th largest |acc| per
+device: the reference the compressor's own threshold (`hggjax.stats(...)["threshold"]`)
+is compared to in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -22,21 +23,27 @@ from train.mesh import data_axes, host_value
 from train.steps import TrainState, compressor_input
 
 
-def largest_leaf(params, min_size: int = 0) -> tuple[int, int, str]:
+def largest_leaf(params, min_size: int = 0, scope: str = "leaf") -> tuple[int, int, str]:
   """The leaf the threshold probe samples: the largest parameter leaf.
 
-  Returns its index among all leaves, its selection group (its index among the compressed
-  leaves, those with at least `min_size` elements; scope="leaf") and its path.
+  Returns its index among all leaves, its selection group (scope="leaf": its index among
+  the compressed leaves, those with at least `min_size` elements; scope="global": 0, the
+  one group) and its path.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   sizes = [leaf.size for _, leaf in flat]
   i = int(np.argmax(sizes))
+  if scope == "global":
+    return i, 0, GLOBAL_GROUP
   group = sum(1 for s in sizes[:i] if s >= max(min_size, 1))
   return i, group, jax.tree_util.keystr(flat[i][0])
 
 
+GLOBAL_GROUP = "all compressed leaves"  # threshold_leaf's value with scope="global"
+
+
 def make_threshold_probe(state: TrainState, leaf_index: int, cfg: Config) -> Callable:
-  """Per-device exact top-k threshold |acc|_(k) of one leaf: what the compressor selects from.
+  """Per-device exact top-k threshold |acc|_(k) of one selection group (`largest_leaf`).
 
   acc is `hggjax.accumulated` of the gradients as the compressor receives them (after
   the parts of the chain before it, with their current state). Run on the same inputs
@@ -57,8 +64,13 @@ def make_threshold_probe(state: TrainState, leaf_index: int, cfg: Config) -> Cal
     updates = compressor_input(state, params, batch_stats, opt_state, batch, step)
     if fast is not None:
       updates = jax.lax.pmean(updates, fast)
-    acc = hggjax.accumulated(updates, opt_state, momentum=momentum)
-    acc = jax.tree.leaves(acc)[leaf_index].reshape(-1)
+    acc = jax.tree.leaves(hggjax.accumulated(updates, opt_state, momentum=momentum))
+    if cfg.scope == "global":  # one group: the floating leaves hggjax compresses
+      acc = jnp.concatenate([a.reshape(-1) for a in acc
+                             if jnp.issubdtype(a.dtype, jnp.floating)
+                             and a.size >= max(cfg.min_size, 1)])
+    else:
+      acc = acc[leaf_index].reshape(-1)
     k = max(1, round(density * acc.size))
     # float32[P], replicated: readable on every process of a multi-process run.
     return jax.lax.all_gather(jnp.min(jax.lax.top_k(jnp.abs(acc), k)[0]), slow, to="invarying")

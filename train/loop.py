@@ -194,7 +194,8 @@ def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
   cfg, task, log, mesh = run.cfg, run.task, run.log, state.mesh
   step_fn = steps.make_train_step(state)
   eval_fn = steps.make_eval_step(state)
-  leaf_index, leaf_group, leaf_path = diagnostics.largest_leaf(state.params, cfg.min_size)
+  leaf_index, leaf_group, leaf_path = diagnostics.largest_leaf(state.params, cfg.min_size,
+                                                                 cfg.scope)
   probe_fn = None
   if cfg.compressor != "none":
     probe_fn = diagnostics.make_threshold_probe(state, leaf_index, cfg)

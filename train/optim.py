@@ -38,8 +38,7 @@ def compressor_options(cfg: Config, axis_name) -> dict:
       options[name] = getattr(cfg, name)
   if cfg.index_coding != "int32":
     options["index_coding"] = cfg.index_coding
-  if cfg.scope != "leaf":
-    options["scope"] = cfg.scope
+  options["scope"] = cfg.scope  # always: hggjax.adamw's default is not the compressors'
   if cfg.residual_decay != 1.0:
     options["residual_decay"] = cfg.residual_decay
   if cfg.momentum_correction:

@@ -160,6 +160,7 @@ def _local_chain_identity(parts, grads, decay=1.0):
     ({"method": "demo"}, 0.9),
     ({"residual_decay": 0.99}, 0.99),
     ({"scope": "global", "residual_decay": 0.9}, 0.9),
+    ({"scope": "leaf"}, 1.0),
 ])
 def test_error_feedback_is_exact_for_every_mechanism(kwargs, decay):
   parts = hggjax.adamw_parts(LR, compressor="topk", density=0.1, weight_decay=WD, **kwargs)
@@ -227,6 +228,15 @@ def test_a_built_compressor_is_used_as_it_is():
   built = hggjax.topk(0.1, axis_name="data")
   parts = hggjax.adamw_parts(LR, compressor=built, axis_name="data")
   assert parts.compressor is built
+  with pytest.raises(ValueError, match="constructor"):
+    hggjax.adamw_parts(LR, compressor=built, scope="leaf")
+
+
+@pytest.mark.parametrize("scope, groups", [(None, 1), ("global", 1), ("leaf", len(SHAPES))])
+def test_a_named_compressor_selects_over_all_leaves_unless_told_per_leaf(scope, groups):
+  """One selection group (one threshold) by default; scope="leaf" gives one per leaf."""
+  tx = hggjax.adamw(LR, compressor="topk", density=0.1, scope=scope)
+  assert np.shape(hggjax.stats(tx.init(_params()))["threshold"]) == (groups,)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -28,7 +28,7 @@ def test_make_compressor_passes_the_config(compressor_calls, overrides, options)
   optim.make_compressor(cfg, "data")
   assert compressor_calls == [
       (cfg.compressor, {"density": 0.05, "axis_name": "data", "min_size": 7,
-                        "exchange": "allgather", **options})]
+                        "exchange": "allgather", "scope": "leaf", **options})]
 
 
 def test_make_optimizer_builds_its_compressor_with_make_compressor(compressor_calls):

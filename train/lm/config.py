@@ -40,7 +40,8 @@ def _field(default: Any, doc: str) -> Any:
 @dataclasses.dataclass
 class LMConfig(Config):
   """Everything an LM run depends on. The default is the CPU job of docs/lm.md: the tiny
-  transformer on the standard library's source as bytes, hggtopk at 1%, 4 devices."""
+  transformer on the standard library's source as bytes, hggtopk at 1% of all compressed
+  leaves together, 4 devices."""
   PROG: ClassVar[str] = "python -m train.lm"
   # --- Config fields with text defaults ---
   model: str = _field("tiny", "model: one of " + ", ".join(LM_MODEL_NAMES))
@@ -59,6 +60,10 @@ class LMConfig(Config):
   momentum_correction: bool = _field(
       False, "must stay off: it is DGC's SGD momentum inside the compressor; Adam keeps "
       "its own moments (--adam says where; docs/lm.md)")
+  scope: str = _field(
+      "global", "global: one selection over all compressed leaves together (density x "
+      "their total), so the leaves whose Adam steps are largest get more of the budget; "
+      "leaf: density x each leaf's size (docs/lm.md compares them)")
   data_dir: str | None = _field(
       None, "stdlib: a directory of .py files to use instead of this Python's library; "
       "tiny_shakespeare, lm1b: a prepared tensorflow-datasets directory (default: TFDS's "

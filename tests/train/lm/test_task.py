@@ -11,6 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
+import hggjax
+
 from train import optim
 from train.lm import data, models, task
 from train.lm.config import LMConfig
@@ -103,6 +105,17 @@ def test_adam_before_compression_is_adamw_without_compression():
 def test_default_compressor_has_no_momentum(compressor_calls):
   optim.make_compressor(LMConfig(), None)
   assert "momentum" not in compressor_calls[0][1]
+
+
+@pytest.mark.parametrize("scope, groups", [("global", 1), ("leaf", 3)])
+def test_the_default_selects_once_over_all_compressed_leaves(scope, groups):
+  """The harness's chain (hggjax.adamw with the config's options) has one selection
+  group by default; --scope leaf gives one per compressed leaf."""
+  params = {"a": jnp.zeros((8, 8)), "b": jnp.zeros((4, 16)), "c": jnp.zeros(40), "d": jnp.zeros(3)}
+  cfg = dataclasses.replace(LMConfig(min_size=10, warmup_steps=1), scope=scope)
+  assert LMConfig().scope == "global"
+  state = task.lm_optimizer(cfg, None, total_steps=10).init(params)
+  assert np.shape(hggjax.stats(state)["threshold"]) == (groups,)
 
 
 def test_small_transformer_learns_with_hggtopk_at_one_percent():
