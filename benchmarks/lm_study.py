@@ -45,6 +45,7 @@ RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "hggtopk-decay0.99-d0.03-fp8": [*LEAF, "--residual-decay", "0.99", "--density", "0.03",
                                     *FP8_PACKED],
     "hggtopk-global-fp8": ["--scope", "global", *FP8_PACKED],
+    "hggtopk-global-d0.05": ["--scope", "global", "--density", "0.05"],
     "hggtopk-global-decay0.99-d0.03-fp8": ["--scope", "global", "--residual-decay", "0.99",
                                            "--density", "0.03", *FP8_PACKED],
     "hggtopk-shared": [*LEAF, "--second-moment", "shared"],
