@@ -17,7 +17,8 @@ def test_timing_pass_times_the_trained_compressor(tiny_config, tiny_dataset, com
   assert profiled_options.pop("axis_name") is None  # local: no exchange to time
   assert (profiled, profiled_options) == (trained, trained_options)
   assert profiled_options == {"density": cfg.density, "min_size": cfg.min_size,
-                              "momentum": cfg.momentum, "exchange": cfg.exchange}
+                              "momentum": cfg.momentum, "exchange": cfg.exchange,
+                              "scope": cfg.scope}
 
   with open(os.path.join(cfg.log_dir, "timing.json")) as f:
     timing = json.load(f)
