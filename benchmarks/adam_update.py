@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 
+from benchmarks.wire_study import WIRES, add_wire_flag
 from hggjax import cpu_host
 
 ROWS = {  # name -> hggjax.adamw mechanism options (None: optax.adamw itself)
@@ -40,6 +41,7 @@ def _parse(argv):
   p.add_argument("--pytree", default="tiny", help="a train.lm model name (its shapes)")
   p.add_argument("--density", type=float, default=0.01)
   p.add_argument("--reps", type=int, default=9)
+  add_wire_flag(p)
   p.add_argument("--out", default="benchmarks/results/adam_update.json")
   p.add_argument("--render", metavar="JSON", help="print the table of a saved run and exit")
   return p.parse_args(argv)
@@ -82,7 +84,7 @@ def run(args) -> dict:
     else:
       # A refresh every 10**6 steps: the timed calls are steps between refreshes.
       tx = hggjax.adamw(1e-3, compressor="hggtopk", density=args.density, weight_decay=0.1,
-                        refresh_every=10**6, **options)
+                        refresh_every=10**6, **options, **WIRES[args.wire])
     update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[::-1], donate_argnums=(1,))
     state = tx.init(params)
     # Past the first steps (the shared second moment's first refreshes run there).

@@ -40,8 +40,9 @@ SCHEMES = ("allgather", "sparse_allreduce")
 
 def _format(options: dict):
   from hggjax import validate  # pylint: disable=import-outside-toplevel
-  return validate.wire_format(options.get("value_dtype"), options.get("scale_group"),
-                              options.get("index_coding", "int32"), "allgather")
+  return validate.wire_format(options.get("value_dtype", "auto"),
+                              options.get("scale_group", "auto"),
+                              options.get("index_coding", "auto"), "allgather")
 
 
 def analytic(n: int, density: float, local: int, wires=("int32",)) -> list[dict]:

@@ -25,9 +25,14 @@ import sys
 # 3% of the elements cost fewer bytes than 1% in float32 + int32.
 FP8_PACKED = ["--value-dtype", "float8_e4m3fn", "--scale-group", "256", "--index-coding", "packed"]
 
+# The exact wire (float32 values, int32 positions): python -m train.lm sends float8 values
+# at packed positions by default; the rows that ran with the exact wire say so.
+EXACT = ["--value-dtype", "none", "--index-coding", "int32"]
+
 # Selection per leaf: python -m train.lm selects over all compressed leaves at once by
 # default; the per-leaf rows say so, so that each row's flags name its run whatever the default.
 LEAF = ["--scope", "leaf"]
+LEAF_EXACT = [*LEAF, *EXACT]
 
 RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "none": ["--compressor", "none"],
@@ -35,31 +40,35 @@ RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "none-lr3e-3": ["--compressor", "none", "--lr", "0.003"],
     "none-adam-before-lr3e-3": ["--compressor", "none", "--adam", "before_compression",
                                 "--lr", "0.003"],
-    "hggtopk-local": LEAF,
-    "hggtopk-local-d0.005": [*LEAF, "--density", "0.005"],
-    "hggtopk-local-d0.05": [*LEAF, "--density", "0.05"],
-    "hggtopk-lr3e-3": [*LEAF, "--lr", "0.003"],
-    "hggtopk-global": ["--scope", "global"],
-    "hggtopk-decay0.99": [*LEAF, "--residual-decay", "0.99"],
+    "hggtopk-local": LEAF_EXACT,
+    "hggtopk-local-d0.005": [*LEAF_EXACT, "--density", "0.005"],
+    "hggtopk-local-d0.05": [*LEAF_EXACT, "--density", "0.05"],
+    "hggtopk-lr3e-3": [*LEAF_EXACT, "--lr", "0.003"],
+    "hggtopk-global": ["--scope", "global", *EXACT],
+    "hggtopk-decay0.99": [*LEAF_EXACT, "--residual-decay", "0.99"],
     "hggtopk-d0.03-fp8": [*LEAF, "--density", "0.03", *FP8_PACKED],
     "hggtopk-decay0.99-d0.03-fp8": [*LEAF, "--residual-decay", "0.99", "--density", "0.03",
                                     *FP8_PACKED],
     "hggtopk-global-fp8": ["--scope", "global", *FP8_PACKED],
-    "hggtopk-global-d0.05": ["--scope", "global", "--density", "0.05"],
+    "hggtopk-global-d0.05": ["--scope", "global", "--density", "0.05", *EXACT],
+    "hggtopk-global-d0.1": ["--scope", "global", "--density", "0.1", *EXACT],
+    "hggtopk-global-d0.3": ["--scope", "global", "--density", "0.3", *EXACT],
+    "hggtopk-global-d1": ["--scope", "global", "--density", "1.0", *EXACT],
     "hggtopk-global-decay0.99-d0.03-fp8": ["--scope", "global", "--residual-decay", "0.99",
                                            "--density", "0.03", *FP8_PACKED],
-    "hggtopk-shared": [*LEAF, "--second-moment", "shared"],
-    "hggtopk-shared-r4": [*LEAF, "--second-moment", "shared", "--refresh-every", "4"],
-    "hggtopk-dct": [*LEAF, "--basis", "dct"],
-    "hggtopk-shared-dct": [*LEAF, "--second-moment", "shared", "--basis", "dct"],
-    "hggtopk-demo": [*LEAF, "--method", "demo"],
-    "hggtopk-demo-lr5e-4": [*LEAF, "--method", "demo", "--lr", "0.0005"],
-    "hggtopk-demo-dct": [*LEAF, "--method", "demo", "--basis", "dct"],
-    "hggtopk-demo-dct-lr5e-4": [*LEAF, "--method", "demo", "--basis", "dct", "--lr", "0.0005"],
+    "hggtopk-shared": [*LEAF_EXACT, "--second-moment", "shared"],
+    "hggtopk-shared-r4": [*LEAF_EXACT, "--second-moment", "shared", "--refresh-every", "4"],
+    "hggtopk-dct": [*LEAF_EXACT, "--basis", "dct"],
+    "hggtopk-shared-dct": [*LEAF_EXACT, "--second-moment", "shared", "--basis", "dct"],
+    "hggtopk-demo": [*LEAF_EXACT, "--method", "demo"],
+    "hggtopk-demo-lr5e-4": [*LEAF_EXACT, "--method", "demo", "--lr", "0.0005"],
+    "hggtopk-demo-dct": [*LEAF_EXACT, "--method", "demo", "--basis", "dct"],
+    "hggtopk-demo-dct-lr5e-4": [*LEAF_EXACT, "--method", "demo", "--basis", "dct",
+                                "--lr", "0.0005"],
     "hggtopk-leader": [*LEAF, "--exchange", "leader_mask"],
     "hggtopk-union": [*LEAF, "--exchange", "union_mask"],
     "hggtopk-union-d0.004": [*LEAF, "--exchange", "union_mask", "--density", "0.004"],
-    "hggtopk-adam-after": [*LEAF, "--adam", "after_exchange"],
+    "hggtopk-adam-after": [*LEAF_EXACT, "--adam", "after_exchange"],
 }
 
 

@@ -52,6 +52,7 @@ import time
 import jax
 
 from benchmarks.models import MODELS
+from benchmarks.wire_study import add_wire_flag
 from train import distributed
 
 SUBNET = "10.213.0"
@@ -208,7 +209,7 @@ def run_processes(args, processes: int) -> list[dict]:
     worker = ["-m", "benchmarks.network_worker", "--dir", tmp, "--phases", args.rates,
               "--n", str(args.n), "--densities", args.densities, "--compressors",
               args.compressors, "--train-density", str(args.train_density),
-              "--reps", str(args.reps), "--model", args.model]
+              "--reps", str(args.reps), "--model", args.model, "--wire", args.wire]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {"JAX_PLATFORMS": "cpu", "PYTHONPATH": repo}
     if args.preload:
@@ -321,6 +322,7 @@ def _args(argv=None):
                  help='train-step compressors; "hggtopk+pipeline" is hggtopk(pipeline=True), '
                       '"hggtopk+exchange=sparse_allreduce" sets that option')
   p.add_argument("--train-density", type=float, default=0.01)
+  add_wire_flag(p)
   p.add_argument("--model", choices=sorted(MODELS), default="mlp",
                  help="train-step model: mlp (wide MLP) or bag (embedding table)")
   p.add_argument("--reps", type=int, default=3, help="timed calls per row (median)")

@@ -30,6 +30,7 @@ import os
 import statistics
 import time
 
+from benchmarks.wire_study import WIRES, add_wire_flag
 from train import distributed
 
 
@@ -43,6 +44,7 @@ def _args(argv=None):
                  help='comma-separated names; "hggtopk+pipeline" is hggtopk(pipeline=True), '
                       '"hggtopk+exchange=sparse_allreduce" sets that option')
   p.add_argument("--train-density", type=float, default=0.01)
+  add_wire_flag(p)
   p.add_argument("--model", default="mlp", help="a name in benchmarks.models.MODELS")
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--handshake-timeout", type=float, default=300.0)
@@ -156,7 +158,7 @@ def _run(args, spec) -> dict:
     key, _, value = option.partition("=")
     extra = {key: value or True} if option else {}
     tx = optax.chain(hggjax.get_compressor(base, density=args.train_density, axis_name="data",
-                                           **extra), optax.sgd(1e-3))
+                                           **extra, **WIRES[args.wire]), optax.sgd(1e-3))
     state = hggjax.shard_state(tx.init(params), mesh, "data")
     specs = hggjax.state_specs(state, "data")
 

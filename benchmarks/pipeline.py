@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.wire_study import WIRES, add_wire_flag
 from hggjax import selectors
 from hggjax.kernels import bits, sampling
 from hggjax.kernels import topk as topk_kernels
@@ -215,7 +216,7 @@ def parts(n: int, density: float, reps: int) -> dict:
   return out
 
 
-def train_step_times(steps: int, seed: int = 0) -> dict:
+def train_step_times(steps: int, seed: int = 0, wire: dict | None = None) -> dict:
   """Median ms of the harness's jit(shard_map) train step, hggtopk with and without pipeline."""
   from train import data as data_lib  # pylint: disable=import-outside-toplevel
   from train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -229,7 +230,8 @@ def train_step_times(steps: int, seed: int = 0) -> dict:
   mesh = mesh_lib.make_mesh(devices)
   runs = {}
   for pipeline in (False, True):
-    cfg = Config(dataset="synthetic", batch_size=batch, use_pipeline=pipeline, seed=seed)
+    cfg = Config(dataset="synthetic", batch_size=batch, use_pipeline=pipeline, seed=seed,
+                 **(wire or {}))
     state = steps_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, steps)
     runs[pipeline] = [state, steps_lib.make_train_step(state)]
   sharding = NamedSharding(mesh, P(mesh_lib.AXIS))
@@ -247,7 +249,7 @@ def train_step_times(steps: int, seed: int = 0) -> dict:
           "steps": steps, "devices": devices, "batch": batch, "model": "cnn (synthetic data)"}
 
 
-def training_paths(steps: int, dataset: str = "fashion_mnist") -> dict:
+def training_paths(steps: int, dataset: str = "fashion_mnist", wire: dict | None = None) -> dict:
   """The harness's default run with --use-pipeline: every step's paths and count/k.
 
   The same state, batches and jit(shard_map) step as `python -m train.cifar
@@ -262,7 +264,7 @@ def training_paths(steps: int, dataset: str = "fashion_mnist") -> dict:
   import hggjax  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-  cfg = Config(dataset=dataset, use_pipeline=True)
+  cfg = Config(dataset=dataset, use_pipeline=True, **(wire or {}))
   ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
   devices = jax.device_count()
   mesh = mesh_lib.make_mesh(devices)
@@ -290,7 +292,7 @@ def training_paths(steps: int, dataset: str = "fashion_mnist") -> dict:
           "kth_step_move_median_per_group": np.median(moves, axis=(0, 1)).tolist()}
 
 
-def overlap_report(path: str) -> dict:
+def overlap_report(path: str, wire: dict | None = None) -> dict:
   """Compiles the pipelined harness step, writes its HLO to `path`, and reads the all-gathers."""
   from train import data as data_lib  # pylint: disable=import-outside-toplevel
   from train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -301,7 +303,8 @@ def overlap_report(path: str) -> dict:
   ds = data_lib.load_dataset("synthetic", None, synthetic_size=64)
   devices = jax.device_count()
   mesh = mesh_lib.make_mesh(devices)
-  cfg = Config(dataset="synthetic", batch_size=16 * devices, use_pipeline=True)
+  cfg = Config(dataset="synthetic", batch_size=16 * devices, use_pipeline=True,
+               **(wire or {}))
   state = steps_lib.create_train_state(cfg, ds.image_shape, ds.num_classes, mesh, 10)
   step = steps_lib.make_train_step(state)
   sharding = NamedSharding(mesh, P(mesh_lib.AXIS))
@@ -385,6 +388,7 @@ def main(argv=None):
   parser.add_argument("--hlo", metavar="FILE", help="write the pipelined step's HLO, report all-gathers")
   parser.add_argument("--train-paths", type=int, metavar="STEPS", help="paths and count/k of every "
                       "step of the harness's default run with --use-pipeline (0: all its steps)")
+  add_wire_flag(parser)
   parser.add_argument("--run-dir", help="summarise a harness run's metrics.jsonl and exit")
   parser.add_argument("--parts", type=float, metavar="N", help="time the pieces of a selection at n = N")
   parser.add_argument("--out", default="benchmarks/results/pipeline.json")
@@ -410,13 +414,13 @@ def main(argv=None):
     for name, ms in result["parts"].items():
       print(f"  {name:32s} {ms:.2f}" if isinstance(ms, float) else f"  {name:32s} {ms}")
   if args.train_steps:
-    result["train_step"] = train_step_times(args.train_steps)
+    result["train_step"] = train_step_times(args.train_steps, wire=WIRES[args.wire])
     print("train step:", json.dumps(result["train_step"]), flush=True)
   if args.train_paths is not None:
-    result["train_paths"] = training_paths(args.train_paths)
+    result["train_paths"] = training_paths(args.train_paths, wire=WIRES[args.wire])
     print("training run:", json.dumps(result["train_paths"]), flush=True)
   if args.hlo:
-    result["overlap"] = overlap_report(args.hlo)
+    result["overlap"] = overlap_report(args.hlo, wire=WIRES[args.wire])
     print("overlap:", json.dumps({k: v for k, v in result["overlap"].items()}), flush=True)
   info["wall_s"] = time.perf_counter() - start
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

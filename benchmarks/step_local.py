@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 import hggjax
 from benchmarks.models import MODELS
+from benchmarks.wire_study import WIRES, add_wire_flag
 from train import profile
 
 AXIS = "data"
@@ -43,6 +44,7 @@ def _args(argv=None):
                  help='comma-separated names; "hggtopk+pipeline" is hggtopk(pipeline=True)')
   p.add_argument("--model", choices=sorted(MODELS), default="mlp")
   p.add_argument("--density", type=float, default=0.01)
+  add_wire_flag(p)
   p.add_argument("--reps", type=int, default=9, help="timed rounds (median)")
   p.add_argument("--out", default="benchmarks/results/step_local_cpu.json")
   return p.parse_args(argv)
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
   for name in args.compressors.split(","):
     base, _, option = name.partition("+")
     tx = optax.chain(hggjax.get_compressor(base, density=args.density, axis_name=AXIS,
-                                           **({option: True} if option else {})),
+                                           **({option: True} if option else {}), **WIRES[args.wire]),
                      optax.sgd(1e-3))
     specs = hggjax.state_specs(tx.init(host_params), AXIS)
 

@@ -15,9 +15,10 @@ more processes than cores two share one and the report says so (its compute time
 includes the waiting for the other).
 
 Methods (`--methods`): `dense` (`--compressor none`: plain SGD, or AdamW after the
-exchange for text), `hggtopk` (the harness default: hggtopk at 1%; for text, Adam before
-the compressor, hggjax.adamw), `hggtopk-bf16` (the same with bfloat16 values and packed
-positions on the wire, docs/exchange.md).
+exchange for text), `hggtopk` (hggtopk at 1%, float32 values at int32 positions; for
+text, Adam before the compressor, hggjax.adamw), `hggtopk-bf16` (the same with bfloat16
+values and packed positions on the wire, docs/exchange.md) and `hggtopk-fp8` (the harness
+default: float8 values with a scale per 256, packed positions).
 
 From process 0's metrics.jsonl (every evaluation with its `wall_s`: seconds since the run
 started, data loading and compiling included) it prints, per method: the time to the
@@ -66,9 +67,11 @@ TASKS = {
 }
 METHODS = {
     "dense": ["--compressor", "none"],
-    "hggtopk": ["--compressor", "hggtopk", "--density", "0.01"],
+    "hggtopk": ["--compressor", "hggtopk", "--density", "0.01", "--value-dtype", "none",
+                "--index-coding", "int32"],
     "hggtopk-bf16": ["--compressor", "hggtopk", "--density", "0.01", "--value-dtype",
                      "bfloat16", "--index-coding", "packed"],
+    "hggtopk-fp8": ["--compressor", "hggtopk", "--density", "0.01"],
 }
 DENSE = "dense"
 # The dry run: the real harnesses, a few steps of tiny inputs (the test suite runs this).

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 import hggjax
+from benchmarks.wire_study import WIRES, add_wire_flag
 from train import models
 
 
@@ -39,6 +40,7 @@ def _args(argv):
   p.add_argument("--image", default="32,32,3", help="image shape H,W,C")
   p.add_argument("--methods", default="hggtopk", help="compressors besides dense")
   p.add_argument("--density", type=float, default=0.01)
+  add_wire_flag(p)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--out", default="benchmarks/results/train_step.json")
   return p.parse_args(argv)
@@ -76,7 +78,8 @@ def run(args) -> dict:
   txs = {"dense": optax.sgd(0.1, momentum=0.9)}
   for name in args.methods.split(","):
     txs[f"{name}@{args.density:g}"] = optax.chain(
-        hggjax.get_compressor(name, density=args.density, momentum=0.9), optax.sgd(0.1))
+        hggjax.get_compressor(name, density=args.density, momentum=0.9, **WIRES[args.wire]),
+        optax.sgd(0.1))
   live = {}
   for name, tx in txs.items():
     step = make_step(graphdef, tx)

@@ -21,15 +21,25 @@ import sys
 
 # Wire formats by name: the compressors' options (the other benchmarks use these too).
 WIRES = {
-    "int32": {},
+    "auto": {},  # the constructors' default: float8 + packed with error feedback
+    "int32": {"value_dtype": None, "index_coding": "int32"},  # exact: the gradient's dtype
     "bf16-packed": {"value_dtype": "bfloat16", "index_coding": "packed"},
     "fp8-packed": {"value_dtype": "float8_e4m3fn", "scale_group": 256, "index_coding": "packed"},
     "fp8-e5m2-packed": {"value_dtype": "float8_e5m2", "scale_group": 256,
                         "index_coding": "packed"},
 }
+
+
+def add_wire_flag(parser: argparse.ArgumentParser) -> None:
+  """--wire: a name in `WIRES`, for the benchmarks that build compressors themselves."""
+  parser.add_argument("--wire", default="auto", choices=sorted(WIRES),
+                      help="wire format of the compressed rows (auto: the compressors' "
+                      "default, float8 + packed; int32: float32 values at int32 positions)")
+
+
 # ... and as the harness's flags.
 FORMATS = {name: [x for key, value in options.items()
-                  for x in ("--" + key.replace("_", "-"), str(value))]
+                  for x in ("--" + key.replace("_", "-"), "none" if value is None else str(value))]
            for name, options in WIRES.items()}
 PROGRAMS = {"image": "train.cifar", "lm": "train.lm"}
 METRIC = {"image": "test_accuracy", "lm": "valid_loss"}

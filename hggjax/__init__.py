@@ -5,8 +5,9 @@ Every compressor is an optax transformation::
     tx = optax.chain(hggjax.hggtopk(density=0.05, axis_name="data"), optax.sgd(0.1))
 
 Inside ``jax.shard_map`` or ``jax.pmap`` over "data", the update selects k
-elements per leaf, ``all_gather``s their values and int32 indices, and returns
-the mean over devices; the residual stays in the state.
+elements per leaf, ``all_gather``s their values (float8 with a scale per 256 by
+default) and positions (an Elias-Fano code), and returns the mean over devices;
+the residual keeps what was not sent and what rounding lost.
 
 For Adam(W), `hggjax.adamw` puts the compressor where it belongs (Adam's moments
 before it, on each device)::

@@ -42,7 +42,10 @@ Mechanisms (options; docs/lm.md has them measured):
 
 With ``compressor="none"`` nothing is compressed and `adamw` is standard data-parallel
 AdamW: the mean of the (clipped) gradients, then ``optax.adamw``, identically on every
-device; that is the baseline every compressed run is measured against.
+device; that is the baseline every compressed run is measured against. A named
+compressor takes the wire options of every hggjax compressor: by default its values
+travel in float8 with a scale per 256 at packed positions, and its residual keeps what
+the rounding loses (``value_dtype=None, index_coding="int32"``: the exact wire).
 
 State: Adam's moments are per device (`AdamState` inside a `hggjax.PerDeviceState`, so
 `hggjax.shard_state` and `state_specs` give them the device axis); the learning-rate

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from hggjax.exchange import SCHEMES
+from hggjax import wire
 from hggjax.wire import INDEX_CODINGS, VALUE_DTYPES, WireFormat
 
 _SCOPES = ("leaf", "global")
@@ -102,6 +103,10 @@ def key(value):
       f"jax.random.PRNGKey(0)), got {value!r}.")
 
 
+def _is_auto(value) -> bool:
+  return isinstance(value, str) and value == wire.AUTO
+
+
 def momentum(value) -> float:
   if not _is_real(value) or not 0.0 <= value < 1.0:
     raise ValueError(
@@ -110,8 +115,21 @@ def momentum(value) -> float:
   return float(value)
 
 
-def wire_format(value_dtype, scale_group, index_coding, scheme: str) -> WireFormat:
-  """A `WireFormat` from the constructor's options (dtype objects accepted by name)."""
+def wire_format(value_dtype, scale_group, index_coding, scheme: str,
+                error_feedback: bool = True) -> WireFormat:
+  """A `WireFormat` from the constructor's options (dtype objects accepted by name).
+
+  "auto" (each option's default) resolves per compressor: with `scheme` "allgather" or
+  "sparse_allreduce", positions travel packed, and values in float8_e4m3fn with a scale
+  per 256 when the compressor keeps error feedback (its residual keeps what rounding
+  loses; without one, values travel in the gradient's dtype); the mask schemes send
+  float32 values at int32 positions.
+  """
+  coded = scheme in wire.CODED_SCHEMES
+  if _is_auto(index_coding):
+    index_coding = "packed" if coded else "int32"
+  if _is_auto(value_dtype):
+    value_dtype = wire.AUTO_VALUE_DTYPE if coded and error_feedback else None
   name = None
   if value_dtype is not None:
     try:
@@ -121,7 +139,9 @@ def wire_format(value_dtype, scale_group, index_coding, scheme: str) -> WireForm
     if name not in VALUE_DTYPES:
       raise ValueError(
           f"value_dtype must be None (values travel in the gradient's dtype) or one of "
-          f"{VALUE_DTYPES} (as a name or a jnp dtype), got {value_dtype!r}.")
+          f"{VALUE_DTYPES} (as a name or a jnp dtype), or 'auto', got {value_dtype!r}.")
+  if _is_auto(scale_group):  # float8 needs scales: its smallest step is 2^-9
+    scale_group = wire.AUTO_SCALE_GROUP if name and name.startswith("float8") else None
   if scale_group is not None:
     scale_group = int_at_least("scale_group", scale_group, 1)
     if name is None:
@@ -131,11 +151,12 @@ def wire_format(value_dtype, scale_group, index_coding, scheme: str) -> WireForm
   if index_coding not in INDEX_CODINGS:
     raise ValueError(
         f"index_coding must be one of {INDEX_CODINGS} ('int32': 4 bytes a position; "
-        f"'packed': an Elias-Fano code, about 2 + log2(1/density) bits), got {index_coding!r}.")
+        f"'packed': an Elias-Fano code, about 2 + log2(1/density) bits) or 'auto', got "
+        f"{index_coding!r}.")
   fmt = WireFormat(name, scale_group, index_coding)
   if scheme in ("leader_mask", "union_mask") and fmt != WireFormat():
     raise ValueError(
         f"exchange={scheme!r} sums float32 values at shared int32 positions; "
         "value_dtype, scale_group and index_coding apply to exchange='allgather' and "
-        "'sparse_allreduce'.")
+        "'sparse_allreduce' (leave them at 'auto').")
   return fmt

@@ -98,6 +98,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     help_text = text.replace("%", "%%")
     if kind is bool:
       p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+    elif field.name in _WIRE_FLAGS:
+      p.add_argument(flag, type=_WIRE_FLAGS[field.name], help=help_text)
     elif kind is int and type(None) in typing.get_args(hints[field.name]):
       p.add_argument(flag, type=_int_or_none, help=help_text)
     else:
@@ -111,6 +113,22 @@ def _int_or_none(text: str) -> int | None:
 
 
 _int_or_none.__name__ = "int"  # argparse names the type in its error: "invalid int value"
+
+
+def _text_or_none(text: str) -> str | None:
+  """--value-dtype: a dtype name, auto, or "none" (the gradient's dtype)."""
+  return None if text.strip().lower() == "none" else text
+
+
+def _group(text: str) -> int | str | None:
+  """--scale-group: a number, auto, or "none" (no scales)."""
+  text = text.strip().lower()
+  return None if text == "none" else text if text == "auto" else int(text)
+
+
+_text_or_none.__name__ = "dtype"
+_group.__name__ = "int"
+_WIRE_FLAGS = {"value_dtype": _text_or_none, "scale_group": _group}
 
 
 def build_parser(program: Program = IMAGE) -> argparse.ArgumentParser:

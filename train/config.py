@@ -69,15 +69,17 @@ class Config:
       "device's positions in turn, every device's values there summed) or union_mask "
       "(every device's positions, every device's values there summed; docs/exchange.md)")
   value_dtype: str | None = _field(
-      None, "dtype the compressed values travel in: bfloat16, float16, float8_e4m3fn, "
-      "float8_e5m2 or float32; what rounding loses stays in the residual (default: the "
-      "gradient's dtype; docs/exchange.md)")
-  scale_group: int | None = _field(
-      None, "with a narrow --value-dtype: one float32 scale per this many values, sent "
-      "along (float8 needs it, e.g. 256; default: no scales)")
+      "auto", "dtype the compressed values travel in: auto (float8_e4m3fn with error "
+      "feedback, else the gradient's dtype; float32 for the mask exchanges), none (the "
+      "gradient's dtype), float32, bfloat16, float16, float8_e4m3fn or float8_e5m2; what "
+      "rounding loses stays in the residual (docs/exchange.md)")
+  scale_group: int | str | None = _field(
+      "auto", "one float32 scale per this many values, sent along: auto (256 for float8 "
+      "values, else none), none, or a number")
   index_coding: str = _field(
-      "int32", "how the positions travel: int32 (4 bytes each) or packed (an Elias-Fano "
-      "code of the sorted positions, about 2 + log2(1/density) bits each)")
+      "auto", "how the positions travel: auto (packed, int32 for the mask exchanges), "
+      "packed (an Elias-Fano code of the sorted positions, about 2 + log2(1/density) bits "
+      "each) or int32 (4 bytes each)")
   scope: str = _field(
       "leaf", "leaf: each compressed leaf sends density x its size; global: one selection "
       "over all compressed leaves together, density x their total, so a leaf whose "

@@ -32,12 +32,8 @@ def compressor_options(cfg: Config, axis_name) -> dict:
   name), exchanging over `axis_name`."""
   options = {"density": cfg.density, "axis_name": axis_name, "min_size": cfg.min_size,
              "exchange": cfg.exchange}
-  # The wire options only when set, so a default config builds what it always built.
-  for name in ("value_dtype", "scale_group"):
-    if getattr(cfg, name) is not None:
-      options[name] = getattr(cfg, name)
-  if cfg.index_coding != "int32":
-    options["index_coding"] = cfg.index_coding
+  for name in ("value_dtype", "scale_group", "index_coding"):  # "auto": hggjax's rule
+    options[name] = getattr(cfg, name)
   options["scope"] = cfg.scope  # always: hggjax.adamw's default is not the compressors'
   if cfg.residual_decay != 1.0:
     options["residual_decay"] = cfg.residual_decay

@@ -22,8 +22,8 @@ def test_finished_runs_are_read_not_rerun_and_refreshes_count(tmp_path, capsys):
   assert lm_study.main(["--log-dir", str(tmp_path), "--out", str(out),
                         "--runs", "none,hggtopk-local,hggtopk-shared"]) == 0
   text = capsys.readouterr().out
-  assert "| hggtopk-local | `--scope leaf` | 2.1000 | +5.0% | 0.0 KiB | 50.0x |" in text
-  assert "| hggtopk-shared | `--scope leaf --second-moment shared` | 2.2000 | +10.0% | 0.0 KiB | 20.0x |" in text
+  assert "| hggtopk-local | `--scope leaf --value-dtype none --index-coding int32` | 2.1000 | +5.0% | 0.0 KiB | 50.0x |" in text
+  assert "| hggtopk-shared | `--scope leaf --value-dtype none --index-coding int32 --second-moment shared` | 2.2000 | +10.0% | 0.0 KiB | 20.0x |" in text
   study = json.loads(out.read_text())
   assert [r["run"] for r in study["rows"]] == ["none", "hggtopk-local", "hggtopk-shared"]
   assert lm_study.main(["--render", str(out)]) == 0

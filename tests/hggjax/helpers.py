@@ -2,6 +2,11 @@
 
 import numpy as np
 
+# The exact wire: values in the gradient's dtype at int32 positions, so what a device
+# sends is its accumulator's entries as they are (the constructors' "auto" default
+# rounds them to float8; tests of selection and of exact references ask for this).
+EXACT_WIRE = {"value_dtype": None, "index_coding": "int32"}
+
 SHAPES = {
     "scalar": (),
     "vector": (5,),

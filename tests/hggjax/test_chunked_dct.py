@@ -7,6 +7,7 @@ import pytest
 
 import hggjax
 from hggjax import chunked_dct as dct_lib
+from tests.hggjax import helpers
 
 
 def _dct_ii(x: np.ndarray) -> np.ndarray:
@@ -60,7 +61,8 @@ def test_integer_leaves_pass_through_and_dtype_is_kept():
 
 
 def test_chained_around_a_dense_compressor_it_is_the_identity():
-  tx = optax.chain(hggjax.dct(8), hggjax.topk(1.0), hggjax.inverse_dct(8))
+  tx = optax.chain(hggjax.dct(8), hggjax.topk(1.0, **helpers.EXACT_WIRE),
+                   hggjax.inverse_dct(8))
   g = {"w": np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)}
   u, _ = tx.update(g, tx.init(g))
   np.testing.assert_allclose(u["w"], g["w"], rtol=1e-5, atol=1e-5)

@@ -86,7 +86,8 @@ def _adam_reference(per_device_grads, b1=0.9, b2=0.95, eps=1e-8):
 def test_density_one_local_is_the_mean_of_each_devices_adamw_step():
   """Nothing left behind: the mean over devices of lr * m_d / (sqrt(v_d) + eps), then the
   decoupled decay. (Not optax.adamw on the mean: Adam is not linear in the gradient.)"""
-  tx = hggjax.adamw(LR, compressor="topk", density=1.0, axis_name="data", weight_decay=WD)
+  tx = hggjax.adamw(LR, compressor="topk", density=1.0, axis_name="data", weight_decay=WD,
+                    **helpers.EXACT_WIRE)
   outs, _ = _run_sharded(tx, 4)
   params = _params()
   moments = _adam_reference([_device_grads(t) for t in range(4)])
@@ -101,7 +102,7 @@ def test_density_one_shared_is_adam_of_the_mean_momentum_under_the_mean_second_m
   """Refreshed every step, the shared second moment is the devices' mean v: the update is
   lr * mean(m_d) / (sqrt(mean(v_d)) + eps), the same on every device (linear in g)."""
   tx = hggjax.adamw(LR, compressor="topk", density=1.0, axis_name="data",
-                    second_moment="shared", refresh_every=1)
+                    second_moment="shared", refresh_every=1, **helpers.EXACT_WIRE)
   outs, state = _run_sharded(tx, 4)
   moments = _adam_reference([_device_grads(t) for t in range(4)])
   for out, (mu, nu) in zip(outs, moments):
@@ -124,7 +125,8 @@ def test_refresh_schedule_doubles_then_is_periodic_and_freezes():
 def test_shared_second_moment_is_frozen_between_refreshes():
   """Between refreshes the step is lr * mean(m_d) / (sqrt(v_at_refresh) + eps)."""
   tx = hggjax.adamw(LR, compressor="topk", density=1.0, axis_name="data",
-                    second_moment="shared", refresh_every=2)  # refreshes after 1, 2, 4
+                    second_moment="shared", refresh_every=2,  # refreshes after 1, 2, 4
+                    **helpers.EXACT_WIRE)
   outs, _ = _run_sharded(tx, 3)
   moments = list(_adam_reference([_device_grads(t) for t in range(3)]))
   frozen = moments[1][1]  # refreshed after step 2, used again at step 3

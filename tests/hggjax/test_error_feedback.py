@@ -20,7 +20,7 @@ M = 0.9
 def test_at_density_one_it_is_sgd_with_momentum():
   """Nothing left unsent: chain(topk(1.0, momentum=m), sgd) == sgd(momentum=m)."""
   params = jax.tree.map(jnp.zeros_like, helpers.gradients(0))
-  corrected = optax.chain(hggjax.topk(1.0, momentum=M), optax.sgd(0.1))
+  corrected = optax.chain(hggjax.topk(1.0, momentum=M, **helpers.EXACT_WIRE), optax.sgd(0.1))
   plain = optax.sgd(0.1, momentum=M)
   s1, s2 = corrected.init(params), plain.init(params)
   for step in range(4):

@@ -126,7 +126,7 @@ def test_error_feedback_identity_on_every_device(name):
 def test_reported_bytes_are_what_the_gather_moves(name, dtype, value_bytes):
   mesh = _mesh()
   grads = jax.tree.map(lambda g: jnp.asarray(g, dtype), _per_device_grads(0))
-  tx = hggjax.get_compressor(name, density=0.05, axis_name="data")
+  tx = hggjax.get_compressor(name, density=0.05, axis_name="data", **helpers.EXACT_WIRE)
   state = hggjax.shard_state(tx.init(jax.tree.map(lambda g: g[0], grads)), mesh, "data")
   _, state = _shard_map_update(tx, mesh, state)(jax.device_put(grads, NamedSharding(mesh, P("data"))), state)
   ks = [helpers.k_of(0.05, int(np.prod(s))) for s in SHAPES.values()]

@@ -106,7 +106,7 @@ def _sharded_update(scheme: str, density: float, shapes: tuple, two_level: bool 
   """(tx, mesh, jitted shard_map update returning the per-device updates) for `shapes`."""
   axis = ("hosts", "local") if two_level else "data"
   mesh = _two_level_mesh() if two_level else _mesh()
-  tx = hggjax.topk(density, axis_name=axis, exchange=scheme)
+  tx = hggjax.topk(density, axis_name=axis, exchange=scheme, **helpers.EXACT_WIRE)
   params = {name: jnp.zeros(shape, dtype) for name, shape in shapes}
   state = hggjax.shard_state(tx.init(params), mesh, axis)
   specs = hggjax.state_specs(state, axis)

@@ -29,20 +29,23 @@ def _compiled(name, kwargs):
   return tx, jax.jit(tx.update)
 
 
-def _update(name, x, steps=1, **kwargs):
-  """(updates, stats, acc) per step of `name` on the same gradient {"w": x}; acc is
-  the vector the compressor selected from (`hggjax.accumulated`)."""
-  kwargs.setdefault("density", 0.01)
+def _update_state(name, x, steps, **kwargs):
   tx, update = _compiled(name, tuple(sorted(kwargs.items())))
   g = {"w": jnp.asarray(x)}
   state = tx.init(g)
-  out = []
   for _ in range(steps):
     acc = np.asarray(hggjax.accumulated(g, state)["w"])
     u, state = update(g, state)
-    out.append((np.asarray(u["w"], np.float32),
-                {k: np.asarray(v) for k, v in hggjax.stats(state).items()}, acc))
-  return out
+    yield np.asarray(u["w"], np.float32), state, acc
+
+
+def _update(name, x, steps=1, **kwargs):
+  """(updates, stats, acc) per step of `name` on the same gradient {"w": x}; acc is
+  the vector the compressor selected from (`hggjax.accumulated`). Values travel as they
+  are (`helpers.EXACT_WIRE`) unless kwargs say otherwise."""
+  kwargs = {"density": 0.01, **helpers.EXACT_WIRE, **kwargs}
+  return [(sent, {k: np.asarray(v) for k, v in hggjax.stats(state).items()}, acc)
+          for sent, state, acc in _update_state(name, x, steps, **kwargs)]
 
 
 def _check_largest(sent: np.ndarray, acc: np.ndarray, k: int, low: int):
@@ -121,6 +124,20 @@ def test_extreme_magnitudes(scale):
         _check_largest(sent, acc, k, max(1, k - _tol(k)))
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e20, 3e38])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_default_wire_stays_finite_and_exact_at_extreme_magnitudes(scale, dtype):
+  """float8 values with power-of-two scales: nothing becomes NaN or Inf, even where rounding
+  goes past the gradient dtype's largest value, and acc == sent + residual' bit for bit."""
+  top = float(np.finfo(dtype).max)
+  base = np.random.default_rng(5).standard_normal(4000).astype(np.float32)
+  x = np.clip(base * np.float32(min(scale, top) / 4), -top, top).astype(dtype)
+  x[:3] = [top, -top, top * 0.999]  # rounds up past the largest in float8
+  for sent, state, acc in _update_state("topk", x, 3, density=0.01):
+    assert np.all(np.isfinite(sent)) and np.count_nonzero(sent) >= 1
+    np.testing.assert_array_equal(acc, sent + np.asarray(state.residual[0]))
+
+
 @pytest.mark.parametrize("name", ["topk", "gaussian", "redsync", "redsynctrim", "dgcsampling"])
 def test_a_power_of_two_rescaling_changes_no_selection(name):
   """Thresholds from means, deviations and counts scale exactly with 2^j."""
@@ -153,6 +170,8 @@ def test_density_one_is_sgd(name, momentum):
   """Nothing left unsent: chain(compressor(1.0, momentum=m), sgd) == sgd(momentum=m)."""
   params = jax.tree.map(jnp.zeros_like, helpers.gradients(0))
   kwargs = {} if name == "none" else {"density": 1.0}
+  if name != "none":
+    kwargs.update(helpers.EXACT_WIRE)  # rounding to float8 would differ from sgd
   compressed = optax.chain(hggjax.get_compressor(name, momentum=momentum, **kwargs),
                            optax.sgd(0.1))
   plain = optax.sgd(0.1, momentum=momentum or None)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import hggjax
+from hggjax import wire
 from tests.hggjax import helpers
 
 NAMES = sorted(hggjax.compressors)
@@ -35,7 +36,7 @@ def test_shapes_dtypes_finite_and_compiled_once(name, dtype):
 @pytest.mark.parametrize("name", ["topk", "topk2"])
 def test_topk_equals_numpy_reference(name):
   grads = helpers.gradients(1)
-  tx = hggjax.get_compressor(name, density=DENSITY)
+  tx = hggjax.get_compressor(name, density=DENSITY, **helpers.EXACT_WIRE)
   out, state = jax.jit(tx.update)(grads, tx.init(grads))
   for leaf, g in grads.items():
     expected = np.zeros(g.size, np.float32)
@@ -47,7 +48,7 @@ def test_topk_equals_numpy_reference(name):
 
 def test_topk_second_step_adds_residual_exactly():
   g1, g2 = helpers.gradients(1), helpers.gradients(2)
-  tx = hggjax.topk(DENSITY)
+  tx = hggjax.topk(DENSITY, **helpers.EXACT_WIRE)
   _, state = tx.update(g1, tx.init(g1))
   out, _ = tx.update(g2, state)
   leaves, _ = jax.tree.flatten(g1)
@@ -106,7 +107,7 @@ def test_none_is_identity_locally():
 
 def test_bytes_and_counts_in_state():
   grads = helpers.gradients(0)
-  tx = hggjax.topk(DENSITY)
+  tx = hggjax.topk(DENSITY, **helpers.EXACT_WIRE)
   _, state = tx.update(grads, tx.init(grads))
   ks = [helpers.k_of(DENSITY, g.size) for g in grads.values()]
   assert int(state.stats.k) == sum(ks)
@@ -114,11 +115,16 @@ def test_bytes_and_counts_in_state():
   assert float(state.stats.dense_bytes) == sum(g.nbytes for g in grads.values())
   stats = hggjax.stats(optax.chain(tx).init(grads))
   assert set(stats) >= {"selected", "k", "sent_bytes", "dense_bytes", "threshold", "history_hits"}
+  # The default wire: one float8 byte a value, a float32 scale per 256, packed positions.
+  _, state = hggjax.topk(DENSITY).update(grads, tx.init(grads))
+  fmt = wire.WireFormat("float8_e4m3fn", 256, "packed")
+  assert float(state.stats.sent_bytes) == sum(
+      4 * wire.row_words(k, g.size, 1, fmt) for k, g in zip(ks, grads.values()))
 
 
 def test_bfloat16_values_travel_in_bfloat16():
   grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), helpers.gradients(0))
-  tx = hggjax.hggtopk(DENSITY)
+  tx = hggjax.hggtopk(DENSITY, **helpers.EXACT_WIRE)
   _, state = tx.update(grads, tx.init(grads))
   # 2-byte values packed into int32 words (an odd count pads 2 bytes), int32 indices.
   ks = [helpers.k_of(DENSITY, g.size) for g in grads.values()]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import hggjax
-from hggjax import wire
+from hggjax import validate, wire
 
 FORMATS = [
     wire.DEFAULT,
@@ -104,7 +104,9 @@ def test_low_bits_is_elias_fano_choice():
     ({"value_dtype": "int8"}, "value_dtype must be None"),
     ({"value_dtype": "float64"}, "value_dtype must be None"),
     ({"scale_group": 0, "value_dtype": "bfloat16"}, "scale_group must be an integer"),
-    ({"scale_group": 64}, "pass value_dtype too"),
+    ({"scale_group": 64, "value_dtype": None}, "pass value_dtype too"),
+    ({"value_dtype": "auto", "exchange": "union_mask", "index_coding": "packed",
+      "axis_name": "data"}, "union_mask"),
     ({"index_coding": "elias"}, "index_coding must be one of"),
     ({"index_coding": "packed", "exchange": "leader_mask", "axis_name": "data"},
      "leader_mask"),
@@ -112,6 +114,33 @@ def test_low_bits_is_elias_fano_choice():
 def test_bad_wire_options_are_refused_at_construction(options, message):
   with pytest.raises(ValueError, match=message):
     hggjax.topk(0.01, **options)
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "sparse_allreduce", "leader_mask",
+                                      "union_mask"])
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_auto_is_float8_and_packed_where_a_residual_keeps_the_rounding(exchange, error_feedback):
+  coded = exchange in ("allgather", "sparse_allreduce")
+  expected = wire.WireFormat(
+      "float8_e4m3fn" if coded and error_feedback else None,
+      256 if coded and error_feedback else None, "packed" if coded else "int32")
+  assert validate.wire_format("auto", "auto", "auto", exchange, error_feedback) == expected
+  # A value dtype given, the scales follow it: float8 gets them, the others none.
+  assert validate.wire_format("float8_e5m2", "auto", "auto", "allgather") == (
+      wire.WireFormat("float8_e5m2", 256, "packed"))
+  assert validate.wire_format("bfloat16", "auto", "int32", "allgather").scale_group is None
+
+
+def test_the_constructors_default_to_auto():
+  """topk sends float8 values (4 per word), topk2 float32 ones, both at packed positions."""
+  g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal(10_000), jnp.float32)}
+  k = 100
+  for name, fmt in (("topk", wire.WireFormat("float8_e4m3fn", 256, "packed")),
+                    ("topk2", wire.WireFormat(None, None, "packed"))):
+    tx = hggjax.get_compressor(name, density=0.01)
+    _, state = tx.update(g, tx.init(g))
+    itemsize = 1 if fmt.value_dtype else 4
+    assert float(state.stats.sent_bytes) == 4 * wire.row_words(k, 10_000, itemsize, fmt), name
 
 
 def test_dtype_objects_are_accepted_by_name():

@@ -13,13 +13,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hggjax
-from tests.hggjax import hlo_bytes
+from tests.hggjax import helpers, hlo_bytes
 
 DEVICES = 8
 SHAPES = (("w", (200, 500)), ("b", (300,)))  # k = 1000 and 3 at 1%
 
 BF16 = {"value_dtype": "bfloat16", "index_coding": "packed"}
 FP8 = {"value_dtype": "float8_e4m3fn", "scale_group": 256, "index_coding": "packed"}
+F32_PACKED = {"value_dtype": None, "index_coding": "packed"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +109,7 @@ def test_the_mean_is_what_every_residual_gave_up_in_wire_values(case):
 
 
 @pytest.mark.parametrize("options,kwargs", [
-    ({"index_coding": "packed"}, {}),
+    (F32_PACKED, {}),
     (BF16, {}),
     ({**BF16, "exchange": "sparse_allreduce"}, {}),
     (BF16, {"two_level": True}),
@@ -133,10 +134,10 @@ def _bytes(options: dict, n: int, two_level: bool = False):
 
 
 @pytest.mark.parametrize("options,two_level", [
-    (BF16, False), (FP8, False), ({"index_coding": "packed"}, False),
+    (BF16, False), (FP8, False), (F32_PACKED, False),
     ({**BF16, "exchange": "sparse_allreduce"}, False),
     ({**FP8, "exchange": "sparse_allreduce"}, False), (BF16, True),
-    ({"value_dtype": "float16", "scale_group": 7}, False),
+    ({"value_dtype": "float16", "scale_group": 7, "index_coding": "int32"}, False),
 ], ids=["bf16", "fp8", "f32-packed", "sar-bf16", "sar-fp8", "two-level-bf16", "f16-odd-groups"])
 def test_statistics_are_the_collective_bytes_of_the_compiled_program(options, two_level):
   sent, received, hlo_sent, hlo_received = _bytes(options, 100_003, two_level)
@@ -147,7 +148,9 @@ def test_statistics_are_the_collective_bytes_of_the_compiled_program(options, tw
 def test_bytes_per_slot_at_one_percent_from_the_hlo(n):
   k = n // 100
   per_slot = {name: _bytes(options, n)[3] / ((DEVICES - 1) * k)
-              for name, options in (("int32", {}), ("bf16", BF16), ("fp8", FP8))}
+              for name, options in (("int32", helpers.EXACT_WIRE), ("bf16", BF16),
+                                    ("fp8", FP8), ("default", {}))}
   assert per_slot["int32"] == 8.0
+  assert per_slot["default"] == per_slot["fp8"]
   assert per_slot["bf16"] <= 3.2
   assert per_slot["fp8"] <= 2.2

@@ -121,6 +121,10 @@ FLAG_CASES = [
      {"scope": "global", "residual_decay": 0.99}),
     (["--value-dtype", "float8_e4m3fn", "--scale-group", "256", "--index-coding", "packed"],
      {"value_dtype": "float8_e4m3fn", "scale_group": 256, "index_coding": "packed"}),
+    (["--value-dtype", "none", "--scale-group", "None", "--index-coding", "int32"],
+     {"value_dtype": None, "scale_group": None, "index_coding": "int32"}),
+    (["--value-dtype", "bfloat16", "--scale-group", "auto"],
+     {"value_dtype": "bfloat16", "scale_group": "auto"}),
 ]
 
 

@@ -22,13 +22,16 @@ from train.mesh import AXIS
     ({"exchange": "sparse_allreduce"}, {"momentum": 0.9, "exchange": "sparse_allreduce"}),
     ({"scope": "global", "residual_decay": 0.99},
      {"momentum": 0.9, "scope": "global", "residual_decay": 0.99}),
+    ({"value_dtype": None, "scale_group": None, "index_coding": "int32"},
+     {"momentum": 0.9, "value_dtype": None, "scale_group": None, "index_coding": "int32"}),
 ])
 def test_make_compressor_passes_the_config(compressor_calls, overrides, options):
   cfg = dataclasses.replace(Config(density=0.05, min_size=7), **overrides)
   optim.make_compressor(cfg, "data")
   assert compressor_calls == [
       (cfg.compressor, {"density": 0.05, "axis_name": "data", "min_size": 7,
-                        "exchange": "allgather", "scope": "leaf", **options})]
+                        "exchange": "allgather", "scope": "leaf", "value_dtype": "auto",
+                        "scale_group": "auto", "index_coding": "auto", **options})]
 
 
 def test_make_optimizer_builds_its_compressor_with_make_compressor(compressor_calls):
@@ -52,7 +55,7 @@ def test_make_compressor_rejects_what_hggjax_rejects(overrides, error, message):
 def test_at_density_one_both_orders_are_sgd_with_momentum_and_weight_decay(correction):
   """Everything is sent, so where momentum acts cannot matter: both chains are dense SGD."""
   cfg = Config(compressor="topk", density=1.0, min_size=0, momentum_correction=correction,
-               lr=0.1, weight_decay=0.01)
+               lr=0.1, weight_decay=0.01, value_dtype=None, index_coding="int32")
   tx = optim.make_optimizer(cfg, total_steps=100, axis_name=None)
   dense = optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.1, momentum=0.9))
   params = {"w": jnp.arange(6.0).reshape(2, 3)}

@@ -18,7 +18,8 @@ def test_timing_pass_times_the_trained_compressor(tiny_config, tiny_dataset, com
   assert (profiled, profiled_options) == (trained, trained_options)
   assert profiled_options == {"density": cfg.density, "min_size": cfg.min_size,
                               "momentum": cfg.momentum, "exchange": cfg.exchange,
-                              "scope": cfg.scope}
+                              "scope": cfg.scope, "value_dtype": cfg.value_dtype,
+                              "scale_group": cfg.scale_group, "index_coding": cfg.index_coding}
 
   with open(os.path.join(cfg.log_dir, "timing.json")) as f:
     timing = json.load(f)
