@@ -149,6 +149,7 @@ def run(args):
     shapes.append((resnet18_shapes(), "resnet18"))
   devices = min(args.devices, jax.device_count())
   rows = []
+  sharded = {}  # (method, pipeline, density, momentum) -> {wire: update ms}
 
   def grads_of(layout, seed):
     leaves = layout if isinstance(layout[0], tuple) else [layout]
@@ -208,9 +209,15 @@ def run(args):
                                               build(name, False, density, 0.0, None),
                                               _selector_for(selectors, name, False), gs, args.reps)
             else:
-              row.update(_time_sharded(jax, jnp, P, NamedSharding, hggjax,
-                                       build(name, pipeline, density, momentum, "data", wire),
-                                       gs, devices, args.reps, args.donate))
+              # Every wire of one method timed interleaved in one call: the shard_map
+              # rows' ratios move by tens of percent between calls on a busy machine.
+              group = (name, pipeline, density, momentum)
+              if group not in sharded:
+                txs = {w: build(name, pipeline, density, momentum, "data", w) for w in
+                       (wires[:1] if name == "none" else wires)}
+                sharded[group] = _time_sharded(jax, jnp, P, NamedSharding, hggjax, txs,
+                                               gs, devices, args.reps, args.donate)
+              row.update(update_ms=sharded[group][wire])
             rows.append(row)
             print(_format(row), flush=True)
   return rows
@@ -312,30 +319,33 @@ def _breakdown(jax, jnp, ef, exchange, transform, tx, sel_fn, gs, reps):
   return t
 
 
-def _time_sharded(jax, jnp, P, NamedSharding, hggjax, tx, gs, devices, reps, donate=True):
+def _time_sharded(jax, jnp, P, NamedSharding, hggjax, txs, gs, devices, reps, donate=True):
+  """{name: median update ms} of each transformation in `txs` under shard_map, interleaved."""
   mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
   params = jax.tree.map(jnp.zeros_like, gs[0])
-  state = hggjax.shard_state(tx.init(params), mesh, "data")
-  specs = hggjax.state_specs(state, "data")
   sharding = NamedSharding(mesh, P("data"))
   stacked = [jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * devices), g), sharding)
              for g in gs]
+  pieces = {}
+  for name, tx in txs.items():
+    state = hggjax.shard_state(tx.init(params), mesh, "data")
+    specs = hggjax.state_specs(state, "data")
 
-  @functools.partial(jax.jit, donate_argnums=(1,) if donate else ())
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), specs),
-                     out_specs=(specs, P()))
-  def update(g, s):
-    u, s = tx.update(jax.tree.map(lambda v: v[0], g), s)
-    return s, u
+    @functools.partial(jax.jit, donate_argnums=(1,) if donate else ())
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), specs),
+                       out_specs=(specs, P()))
+    def update(g, s, tx=tx):
+      u, s = tx.update(jax.tree.map(lambda v: v[0], g), s)
+      return s, u
 
-  counter = {"i": 0}
+    counter = {"i": 0}
 
-  def feed(a, o):
-    counter["i"] += 1
-    return stacked[counter["i"] % len(stacked)], o[0]
+    def feed(a, o, counter=counter):
+      counter["i"] += 1
+      return stacked[counter["i"] % len(stacked)], o[0]
 
-  t = interleaved({"update": (update, (stacked[0], state), feed)}, reps)
-  return dict(update_ms=t["update"])
+    pieces[name] = (update, (stacked[0], state), feed)
+  return interleaved(pieces, reps)
 
 
 HEADER = (f"{'shape':>9} {'dens':>5} {'method':>18} {'mom':>4} {'axis':>9} {'update':>8} "
@@ -364,6 +374,23 @@ def _format(r) -> str:
 
 def table(rows) -> str:
   return "\n".join([HEADER] + [_format(r) for r in rows])
+
+
+def wire_ratios(rows) -> list[str]:
+  """One line per row of a format other than the first: its update time over the same
+  method's (shape, density, momentum, axis) row in the first format of the run."""
+  timed = [r for r in rows if "wire" in r]
+  first = timed[0]["wire"] if timed else None
+  base = {(r["shape"], r["density"], r["method"], r["momentum"], r["axis"]): r["update_ms"]
+          for r in timed if r["wire"] == first}
+  lines = []
+  for r in timed:
+    plain = r["method"].removesuffix("+" + r["wire"])
+    ref = base.get((r["shape"], r["density"], plain, r["momentum"], r["axis"]))
+    if r["wire"] != first and ref:
+      lines.append(f"{r['shape']:>9} {r['density']:>5.2f} {r['method']:>22} {r['axis']:>9}: "
+                   f"{r['update_ms'] / ref:.2f}x the {first} row")
+  return lines
 
 
 def machine() -> dict:
@@ -397,6 +424,10 @@ def main(argv=None):
   info["wall_s"] = time.perf_counter() - start
   print()
   print(table(rows))
+  ratios = wire_ratios(rows)
+  if ratios:
+    print("\nupdate time against the first --wire format:")
+    print("\n".join(ratios))
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(dict(machine=info, args=vars(args), rows=rows), f, indent=1)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hggjax.kernels import bits
+from hggjax.kernels.scan import cumsum
 
 INDEX_CODINGS = ("int32", "packed")
 # Names accepted for value_dtype (None: the gradient's own dtype).
@@ -231,12 +232,13 @@ def _decode_positions(code: jax.Array, c: int, universe: int) -> jax.Array:
   slot = jnp.arange(c, dtype=jnp.int32)
   unary = jax.lax.bitcast_convert_type(code[..., nl:], jnp.uint32).reshape(-1, code.shape[-1] - nl)
   counts = jax.lax.population_count(unary).astype(jnp.int32)
-  ends = jnp.cumsum(counts, axis=-1)  # set bits in words 0..w
+  # Prefix sums by `kernels.scan.cumsum` (XLA:CPU's reduce-window cumsum is slower).
+  ends = jax.vmap(lambda v: cumsum(v, 32))(counts)  # set bits in words 0..w
   # Slot j's one is the (j+1)-th set bit: in the first word whose prefix count exceeds j,
   # i.e. word j = #(words w with ends[w] <= j): a histogram of the ends over [0, C] and
   # its prefix sum (XLA:CPU's searchsorted of C queries is several times slower).
   hist = jax.vmap(lambda e: jnp.zeros((c + 1,), jnp.int32).at[jnp.minimum(e, c)].add(1))(ends)
-  word = jnp.cumsum(hist[:, :c], axis=1, dtype=jnp.int32)
+  word = jax.vmap(cumsum)(hist[:, :c])
   before = jnp.take_along_axis(ends, word, axis=1) - jnp.take_along_axis(counts, word, axis=1)
   rank = slot - before  # set bits of slot j's word that come before it
   high = word * 32 + _select_bit(jnp.take_along_axis(unary, word, axis=1), rank) - slot
