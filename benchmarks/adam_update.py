@@ -8,8 +8,8 @@ Per row, one optimizer's ``jax.jit(tx.update)`` with the state donated, on the p
 shapes of a `train.lm` model (no axis: one device's work; the exchange itself is
 measured by benchmarks.network): ``optax.adamw`` (dense, nothing compressed) and
 ``hggjax.adamw`` with hggtopk at `--density` for each mechanism (Adam's moments per
-device with a local or shared second moment, one selection over all leaves or k per
-leaf, the chunked DCT, DeMo). The shared second
+device with a local or shared second moment, the residual low-pass filtered (the
+default) or not, one selection over all leaves or k per leaf, the chunked DCT, DeMo). The shared second
 moment's refresh runs on the steps of its schedule only; the rows time a step between
 refreshes. Times are medians of `--reps` calls interleaved call by call (load hits the
 rows alike), each ending in ``block_until_ready``; the ratio column is each row over
@@ -28,7 +28,8 @@ from hggjax import cpu_host
 
 ROWS = {  # name -> hggjax.adamw mechanism options (None: optax.adamw itself)
     "optax.adamw (dense)": None,
-    "adam, local second moment": {},
+    "adam, local second moment": {},  # the default: ScaleCom's low-pass filter on
+    "adam, local, plain error feedback": {"residual_lowpass": 1.0},  # ... and without it
     "adam, local, k per leaf": {"scope": "leaf"},
     "adam, shared second moment": {"second_moment": "shared"},
     "adam, local, DCT": {"basis": "dct"},

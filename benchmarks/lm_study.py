@@ -34,6 +34,11 @@ EXACT = ["--value-dtype", "none", "--index-coding", "int32"]
 LEAF = ["--scope", "leaf"]
 LEAF_EXACT = [*LEAF, *EXACT]
 
+# Plain error feedback: python -m train.lm filters the residual by default (ScaleCom's
+# low-pass filter, `--residual-lowpass 0.5`, with Adam before the compressor); the rows
+# that ran without it say so (`_plain`, below).
+PLAIN = ["--residual-lowpass", "1"]
+
 RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "none": ["--compressor", "none"],
     "none-adam-before": ["--compressor", "none", "--adam", "before_compression"],
@@ -54,6 +59,16 @@ RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "hggtopk-global-d0.1": ["--scope", "global", "--density", "0.1", *EXACT],
     "hggtopk-global-d0.3": ["--scope", "global", "--density", "0.3", *EXACT],
     "hggtopk-global-d1": ["--scope", "global", "--density", "1.0", *EXACT],
+    "hggtopk-global-mask": ["--scope", "global", *EXACT, "--mask-momentum"],
+    "hggtopk-global-warmup": ["--scope", "global", *EXACT, "--density-warmup",
+                              "0.25,0.0625,0.015625", "--density-warmup-every", "25"],
+    "hggtopk-global-lowpass0.5": ["--scope", "global", *EXACT, "--residual-lowpass", "0.5"],
+    "hggtopk-global-lowpass0.3": ["--scope", "global", *EXACT, "--residual-lowpass", "0.3"],
+    "hggtopk-global-lowpass0.7": ["--scope", "global", *EXACT, "--residual-lowpass", "0.7"],
+    "hggtopk-global-fp8-lowpass0.5": ["--scope", "global", *FP8_PACKED,
+                                      "--residual-lowpass", "0.5"],
+    "hggtopk-global-fp8-d0.02-lowpass0.5": ["--scope", "global", "--density", "0.02",
+                                            *FP8_PACKED, "--residual-lowpass", "0.5"],
     "hggtopk-global-decay0.99-d0.03-fp8": ["--scope", "global", "--residual-decay", "0.99",
                                            "--density", "0.03", *FP8_PACKED],
     "hggtopk-shared": [*LEAF_EXACT, "--second-moment", "shared"],
@@ -70,6 +85,17 @@ RUNS = {  # name -> flags of python -m train.lm, in the table's order
     "hggtopk-union-d0.004": [*LEAF, "--exchange", "union_mask", "--density", "0.004"],
     "hggtopk-adam-after": [*LEAF_EXACT, "--adam", "after_exchange"],
 }
+
+
+def _plain(flags: list[str]) -> list[str]:
+  """`flags` with PLAIN added where the default filter would apply and the run had none:
+  a compressor with Adam before it, no filter of its own, not DeMo or momentum masking."""
+  filtered = not any(f in flags for f in ("--compressor", "--residual-lowpass", "--method",
+                                          "--mask-momentum", "after_exchange"))
+  return [*flags, *PLAIN] if filtered else flags
+
+
+RUNS = {name: _plain(flags) for name, flags in RUNS.items()}
 
 
 def _parse(argv):

@@ -20,6 +20,7 @@ from hggjax.compressed_adam import (AdamState, ChainParts, adam_moments, adamw, 
 from hggjax.chunked_dct import block_dct, dct, inverse_dct
 from hggjax import cpu_host
 from hggjax.dense import dense_mean
+from hggjax.density_warmup import density_warmup
 from hggjax.error_feedback import accumulated
 from hggjax.payload import Payload, Selection
 from hggjax.per_device import PerDeviceState, per_device
@@ -54,7 +55,7 @@ __all__ = [
     "CompressionState", "CompressionStats", "ERROR_FEEDBACK", "Options", "Payload",
     "PerDeviceState", "cpu_host", "per_device",
     "Selection", "Selector", "accumulated", "compression_state", "compressors",
-    "dense_mean", "dgcsampling", "gaussian", "gaussian2", "get_compressor", "hggtopk",
+    "dense_mean", "density_warmup", "dgcsampling", "gaussian", "gaussian2", "get_compressor", "hggtopk",
     "none", "randomk", "randomkec", "redsync", "redsynctrim", "reshard_state", "shard_state",
     "sparsify", "state_specs", "stats", "topk", "topk2",
 ]

@@ -64,7 +64,8 @@ def dense_mean(*, axis_name: str | tuple[str, str] | None = None, momentum: floa
     stats = state.stats._replace(
         sent_bytes=jnp.asarray(sent, jnp.float32),
         received_bytes=jnp.asarray(received, jnp.float32),
-        dense_bytes=jnp.asarray(nbytes, jnp.float32), nonfinite=(~ok).astype(jnp.int32))
+        dense_bytes=jnp.asarray(nbytes, jnp.float32), nonfinite=(~ok).astype(jnp.int32),
+        run_sent_bytes=state.stats.run_sent_bytes + sent)
     new_state = state._replace(count=state.count + ok.astype(jnp.int32), velocity=velocity,
                                stats=stats)
     return jax.tree.unflatten(treedef, out), with_device_axis(new_state, axis_name)

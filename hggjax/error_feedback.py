@@ -7,6 +7,8 @@ Per compressed leaf and step (Step 1 and Step 4 of `hggjax.sparsify`):
     residual' = acc - sent                      (sent in the wire dtype, widened back)
 
 so ``acc == sent + residual'`` holds bit for bit: nothing is lost, only delayed.
+With ScaleCom's low-pass filter (``residual_lowpass`` b < 1) the kept residual is
+``(1 - b) * residual + b * (acc - sent)`` instead (`low_pass`).
 Sums that would overflow float32 saturate at +-3.4e38 instead of becoming inf.
 On a step whose gradient is not finite (``ok`` False) velocity' = velocity and
 acc = residual: the step adds nothing, and with nothing sent the residual stays.
@@ -135,6 +137,25 @@ def keep(x: jax.Array, kept: jax.Array | None, indices: jax.Array, values: jax.A
     return x[0].at[indices[0]].add(-values[0].astype(jnp.float32), mode="drop")[None]
   row = jnp.arange(x.shape[0])[:, None]
   return x.at[row, indices].add(-values.astype(jnp.float32), mode="drop")
+
+
+def low_pass(rest: jax.Array, kept: jax.Array | None, stored, local, groups,
+             b: float, ok: jax.Array) -> jax.Array:
+  """ScaleCom's filter on Step 4's result: (1 - b) * residual + b * rest, in `rest`'s
+  layout (the stored shape with `kept`, else rows of `groups`), the old residual kept
+  as it was on a skipped step (not `ok`).
+
+  Reference:
+    Chen et al., ScaleCom: Scalable Sparsified Gradient Compression for
+    Communication-Efficient Distributed Training, NeurIPS 2020 (the low-pass filter
+    on each worker's local memory).
+  """
+  if kept is not None:
+    (leaf,), = groups
+    old = stored[leaf]
+  else:
+    old = jnp.stack([jnp.concatenate([local[i].ravel() for i in group]) for group in groups])
+  return jnp.where(ok, (1.0 - b) * old + b * rest, old)
 
 
 def accumulated(updates: Any, opt_state: Any, *, momentum: float = 0.0,

@@ -54,6 +54,12 @@ Options shared by every constructor (`Options`):
     then a momentum buffer that what was sent leaves, as in DeMo (Peng et al.),
     where it replaces the optimizer's momentum (`hggjax.adamw(method="demo")`).
     Needs error feedback.
+  residual_lowpass: in (0, 1], default 1 (plain error feedback). ScaleCom's low-pass
+    filter on the residual (Chen et al. 2020): residual' = (1 - b) * residual +
+    b * (acc - sent) for b = residual_lowpass, so a step enters the residual at b of
+    its size and what was sent leaves only b of it. What the devices sent and kept
+    then no longer sums to acc; the filtered residual is exact to that formula.
+    Needs error feedback.
 
   value_dtype: the dtype values travel in (`hggjax.wire`). "auto" (default):
     "float8_e4m3fn" when the compressor keeps error feedback and the exchange is
@@ -105,6 +111,7 @@ class Options(TypedDict, total=False):
   key: jax.Array | int
   momentum: float
   residual_decay: float
+  residual_lowpass: float
   value_dtype: Any
   scale_group: int | None
   index_coding: str
@@ -131,6 +138,8 @@ def _options(options: Options, error_feedback: bool = True) -> dict:
       momentum=validate.momentum(options.get("momentum", 0.0)),
       residual_decay=validate.in_unit_interval(
           "residual_decay", options.get("residual_decay", 1.0)),
+      residual_lowpass=validate.in_unit_interval(
+          "residual_lowpass", options.get("residual_lowpass", 1.0)),
       wire_format=validate.wire_format(
           options.get("value_dtype", "auto"), options.get("scale_group", "auto"),
           options.get("index_coding", "auto"), options.get("exchange", "allgather"),
@@ -141,10 +150,11 @@ def _options(options: Options, error_feedback: bool = True) -> dict:
 def _build(selector: Selector, density, error_feedback, options: Options):
   error_feedback = validate.boolean("error_feedback", error_feedback)
   shared = _options(options, error_feedback)
-  if shared["residual_decay"] != 1.0 and not error_feedback:
-    raise ValueError(
-        "residual_decay shrinks the error-feedback residual, and this compressor keeps "
-        "none: pass error_feedback=True, or leave residual_decay at 1.")
+  for name in ("residual_decay", "residual_lowpass"):
+    if shared[name] != 1.0 and not error_feedback:
+      raise ValueError(
+          f"{name} acts on the error-feedback residual, and this compressor keeps "
+          f"none: pass error_feedback=True, or leave {name} at 1.")
   return sparsify(selector, validate.density(density), error_feedback=error_feedback,
                   **shared)
 
@@ -154,9 +164,9 @@ def none(density: float | None = None, **options: Unpack[Options]) -> optax.Grad
 
   Args:
     density: accepted so that every name takes the same arguments; unused.
-    **options: see `Options`; `scope`, `min_size`, `exchange`, `residual_decay` and
-      the wire options do not apply (nothing is left behind; the mean travels in the
-      gradient's dtype).
+    **options: see `Options`; `scope`, `min_size`, `exchange`, `residual_decay`,
+      `residual_lowpass` and the wire options do not apply (nothing is left behind;
+      the mean travels in the gradient's dtype).
   """
   if density is not None:
     validate.density(density)

@@ -113,7 +113,8 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   group), ``history_hits`` (groups where hggtopk selected from what the previous
   step left), ``groups``, ``sent_bytes`` and ``received_bytes`` (this device's own
   data put on the wire, other devices' data arriving; `hggjax.exchange.traffic`)
-  and ``dense_bytes`` (a dense exchange's payload); ``refresh_bytes``: the bytes
+  and ``dense_bytes`` (a dense exchange's payload); ``run_sent_bytes``: sent_bytes
+  summed over every step so far (a float32 sum, about 7 significant digits); ``refresh_bytes``: the bytes
   this device has sent so far, over the whole run, refreshing `hggjax.adamw`'s shared
   second moment (0 without one; add ``refresh_bytes / steps`` to ``sent_bytes`` for
   the run's mean per step). With a device axis each value has a leading axis of
@@ -130,6 +131,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       "sent_bytes": s.sent_bytes,
       "received_bytes": s.received_bytes,
       "dense_bytes": s.dense_bytes,
+      "run_sent_bytes": s.run_sent_bytes,
       "nonfinite": s.nonfinite,
       "refresh_bytes": _refresh_bytes(opt_state, s.sent_bytes),
   }

@@ -34,6 +34,9 @@ class CompressionStats(NamedTuple):
                           # levels: the slow axis only (the fast dense mean is not
                           # counted)
   dense_bytes: jax.Array  # float32[]: bytes of a dense exchange of the same gradients
+  run_sent_bytes: jax.Array  # float32[]: sent_bytes summed over every step so far (the
+                          # run's mean per step, divided by the steps, also when the
+                          # traffic changes, e.g. under `hggjax.density_warmup`)
   nonfinite: jax.Array    # int32[]: 1 when this device's gradient held NaN or Inf and
                           # the step was skipped (nothing sent, no other state changed)
 
@@ -62,7 +65,7 @@ def empty_stats(num_groups: int, k: int) -> CompressionStats:
       k=jnp.asarray(k, jnp.int32), threshold=jnp.zeros((num_groups,), jnp.float32),
       history_hit=jnp.zeros((num_groups,), bool), sent_bytes=jnp.zeros((), jnp.float32),
       received_bytes=jnp.zeros((), jnp.float32), dense_bytes=jnp.zeros((), jnp.float32),
-      nonfinite=jnp.zeros((), jnp.int32))
+      run_sent_bytes=jnp.zeros((), jnp.float32), nonfinite=jnp.zeros((), jnp.int32))
 
 
 def with_device_axis(state: CompressionState, axis_name: str | None) -> CompressionState:

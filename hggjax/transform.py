@@ -270,6 +270,7 @@ def sparsify(
     key: jax.Array | int = 0,
     momentum: float = 0.0,
     residual_decay: float = 1.0,
+    residual_lowpass: float = 1.0,
     wire_format: wire_lib.WireFormat = wire_lib.DEFAULT,
 ) -> optax.GradientTransformationExtraArgs:
   """Compress gradients with `selector`, exchange them, and keep the residual.
@@ -298,6 +299,8 @@ def sparsify(
     residual_decay: acc = g + residual_decay * residual. 1 is plain error feedback;
       below 1 the residual is a momentum buffer that sent values leave (DeMo, Peng
       et al.: the compressor then carries the momentum itself).
+    residual_lowpass: residual' = (1 - b) residual + b (acc - sent); 1 is plain error
+      feedback (ScaleCom's low-pass filter, Chen et al. 2020).
     wire_format: how payload rows travel (`hggjax.wire`): the values' dtype and
       scales, the positions' code. What rounding loses stays in the residual.
 
@@ -392,12 +395,15 @@ def sparsify(
       mean, sent = exchange_lib.sparse_mean(payload, n, slow, scheme, positions, wire_format)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.
       rest = ef.keep(x, kept, sent.indices, sent.values, sel.threshold) if error_feedback else None
+      if error_feedback and residual_lowpass != 1.0:
+        rest = ef.low_pass(rest, kept, stored, state.residual, groups, residual_lowpass, ok)
       _write_back(out, residual, mean, rest, kept, groups, leaves, axis_name)
       # Step 5: statistics.
       traffic = exchange_lib.traffic(scheme, p, len(bucket), k, n,
                                      wire_format.dtype(wire).itemsize, wire_format)
       stats = _record(stats, ids, sel, sent, ok, n, traffic)
 
+    stats = stats._replace(run_sent_bytes=state.stats.run_sent_bytes + stats.sent_bytes)
     new_state = with_device_axis(CompressionState(
         count=state.count + ok.astype(jnp.int32), rng_key=_keep_unless(ok, next_key, state.rng_key),
         residual=None, velocity=velocity, carry=carry, stats=stats), axis_name)

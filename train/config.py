@@ -88,6 +88,10 @@ class Config:
       1.0, "the error-feedback residual shrinks by this factor each step before the new "
       "gradient is added (1: plain error feedback; below 1: what waits long fades; "
       "hggjax's residual_decay option)")
+  residual_lowpass: float = _field(
+      1.0, "ScaleCom's low-pass filter: the residual kept is (1 - b) x the old one + b x "
+      "what was not sent, for b this value (1: plain error feedback; hggjax's "
+      "residual_lowpass option)")
   hosts: int | None = _field(
       None, "two-level mesh: split the devices into this many hosts, a 2-D mesh (hosts, "
       "devices / hosts) with axes (hosts, local); gradients are averaged dense over local, "
@@ -241,8 +245,9 @@ def validate(cfg: Config, compressor_names, model_names, dataset_names) -> None:
     raise UsageError(f"--min-size must be >= 0, got {cfg.min_size}")
   if cfg.scope not in SCOPES:
     raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {cfg.scope!r}")
-  if not 0.0 < cfg.residual_decay <= 1.0:
-    raise UsageError(f"--residual-decay must be in (0, 1], got {cfg.residual_decay}")
+  for name in ("residual_decay", "residual_lowpass"):  # (None: the text harness's default)
+    if getattr(cfg, name) is not None and not 0.0 < getattr(cfg, name) <= 1.0:
+      raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(cfg, name)}")
   if cfg.lr <= 0:
     raise UsageError(f"--lr must be > 0, got {cfg.lr}")
   if not 0 <= cfg.seed <= MAX_SEED:

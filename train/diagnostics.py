@@ -91,6 +91,8 @@ def compressor_stats(opt_state, group: int) -> dict[str, Any]:
     out["dense_bytes"] = float(np.mean(s["dense_bytes"]))
   if "received_bytes" in s:
     out["received_bytes"] = float(np.mean(s["received_bytes"]))
+  if "run_sent_bytes" in s:  # so far in the run, every step's own
+    out["run_sent_bytes"] = float(np.mean(s["run_sent_bytes"]))
   if "refresh_bytes" in s:  # so far in the run (hggjax.adamw's shared second moment)
     out["refresh_bytes"] = float(np.mean(s["refresh_bytes"]))
   if "history_hits" in s:

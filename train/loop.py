@@ -326,10 +326,11 @@ def _train(run: _Run, state: steps.TrainState) -> dict[str, Any]:
   summary = {"step": state.step, "total_steps": run.total, "train_wall_s": train_s,
              "first_step_s": compile_s, "devices": run.n_dev, "log_dir": cfg.log_dir,
              **last_eval, **last_stats, **task.summary_extras(), "timing": timing}
-  if last_stats.get("refresh_bytes"):
-    # A shared second moment's dense refreshes, spread over the run.
-    last_stats = {**last_stats, "sent_bytes": last_stats["sent_bytes"]
-                  + last_stats["refresh_bytes"] / max(1, state.step)}
+  if "run_sent_bytes" in last_stats and state.step:
+    # The run's mean per step: every step's own bytes (a density warm-up's larger ones
+    # included) and a shared second moment's dense refreshes, spread over the run.
+    last_stats = {**last_stats, "sent_bytes": (last_stats["run_sent_bytes"]
+                  + last_stats.get("refresh_bytes", 0.0)) / state.step}
     summary["mean_sent_bytes"] = last_stats["sent_bytes"]
   log.write_json("summary.json", summary)
   if "sent_bytes" in last_stats:

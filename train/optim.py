@@ -35,8 +35,9 @@ def compressor_options(cfg: Config, axis_name) -> dict:
   for name in ("value_dtype", "scale_group", "index_coding"):  # "auto": hggjax's rule
     options[name] = getattr(cfg, name)
   options["scope"] = cfg.scope  # always: hggjax.adamw's default is not the compressors'
-  if cfg.residual_decay != 1.0:
-    options["residual_decay"] = cfg.residual_decay
+  for name in ("residual_decay", "residual_lowpass"):  # hggjax's defaults are 1
+    if getattr(cfg, name) not in (None, 1.0):
+      options[name] = getattr(cfg, name)
   if cfg.momentum_correction:
     options["momentum"] = cfg.momentum
   if cfg.use_pipeline:

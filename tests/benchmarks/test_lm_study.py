@@ -22,11 +22,27 @@ def test_finished_runs_are_read_not_rerun_and_refreshes_count(tmp_path, capsys):
   assert lm_study.main(["--log-dir", str(tmp_path), "--out", str(out),
                         "--runs", "none,hggtopk-local,hggtopk-shared"]) == 0
   text = capsys.readouterr().out
-  assert "| hggtopk-local | `--scope leaf --value-dtype none --index-coding int32` | 2.1000 | +5.0% | 0.0 KiB | 50.0x |" in text
-  assert "| hggtopk-shared | `--scope leaf --value-dtype none --index-coding int32 --second-moment shared` | 2.2000 | +10.0% | 0.0 KiB | 20.0x |" in text
+  assert ("| hggtopk-local | `--scope leaf --value-dtype none --index-coding int32 "
+          "--residual-lowpass 1` | 2.1000 | +5.0% | 0.0 KiB | 50.0x |") in text
+  assert ("| hggtopk-shared | `--scope leaf --value-dtype none --index-coding int32 "
+          "--second-moment shared --residual-lowpass 1` | 2.2000 | +10.0% | 0.0 KiB | 20.0x |") in text
   study = json.loads(out.read_text())
   assert [r["run"] for r in study["rows"]] == ["none", "hggtopk-local", "hggtopk-shared"]
   assert lm_study.main(["--render", str(out)]) == 0
+
+
+def test_rows_that_ran_without_the_default_filter_pin_it_off():
+  """python -m train.lm filters the residual by default: the rows of plain error feedback
+  under Adam before a compressor say --residual-lowpass 1; dense rows, DeMo, Adam after
+  the exchange, momentum masking and the filter's own rows do not add it."""
+  runs = lm_study.RUNS
+  for name in ("hggtopk-global", "hggtopk-local", "hggtopk-leader", "hggtopk-global-warmup"):
+    assert runs[name][-2:] == ["--residual-lowpass", "1"], name
+  for name in ("none", "none-adam-before", "hggtopk-demo", "hggtopk-adam-after",
+               "hggtopk-global-mask"):
+    assert "--residual-lowpass" not in runs[name], name
+  assert runs["hggtopk-global-lowpass0.5"].count("--residual-lowpass") == 1
+  assert runs["hggtopk-global-lowpass0.5"][-1] == "0.5"
 
 
 def test_an_unknown_run_is_one_line(capsys):

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,38 +138,77 @@ def test_shared_second_moment_is_frozen_between_refreshes():
     np.testing.assert_allclose(outs[2][k], -LR * m / (np.sqrt(v) + 1e-8), rtol=2e-5, atol=1e-8)
 
 
-def _local_chain_identity(parts, grads, decay=1.0):
+def _local_chain_identity(parts, grads, decay=1.0, lowpass=1.0):
   """Runs `parts` without an axis and checks the compressor's error feedback exactly:
-  what it received + decay * residual == what it sent + the new residual, bit for bit."""
+  acc = what it received + decay * residual; with lowpass 1, acc == what it sent + the
+  new residual, bit for bit; below, the new residual is (1 - lowpass) x the old one +
+  lowpass x (acc - sent) (to float32 rounding: XLA may fuse the multiply-add)."""
   before = optax.chain(*parts.before) if parts.before else optax.identity()
   params = _params()
   b_state, c_state = before.init(params), parts.compressor.init(params)
   for g in grads:
     x, b_state = before.update(g, b_state, params)
     acc = hggjax.accumulated(x, c_state, residual_decay=decay)
+    old = c_state.residual
     sent, c_state = parts.compressor.update(x, c_state, params)
     residual = c_state.residual
     for i, k in enumerate(sorted(SHAPES)):
-      np.testing.assert_array_equal(np.asarray(acc[k]),
-                                    np.asarray(sent[k]) + np.asarray(residual[i]), err_msg=k)
+      kept = np.asarray(acc[k]) - np.asarray(sent[k])
+      if lowpass == 1.0:
+        np.testing.assert_array_equal(np.asarray(acc[k]),
+                                      np.asarray(sent[k]) + np.asarray(residual[i]), err_msg=k)
+      else:
+        np.testing.assert_allclose(np.asarray(residual[i]),
+                                   (1 - lowpass) * np.asarray(old[i]) + lowpass * kept,
+                                   rtol=1e-6, atol=1e-9, err_msg=k)
   return c_state
 
 
-@pytest.mark.parametrize("kwargs, decay", [
-    ({}, 1.0),
-    ({"second_moment": "shared", "refresh_every": 2}, 1.0),
-    ({"basis": "dct", "chunk": 8}, 1.0),
-    ({"method": "demo", "basis": "dct", "chunk": 8}, 0.9),
-    ({"method": "demo"}, 0.9),
-    ({"residual_decay": 0.99}, 0.99),
-    ({"scope": "global", "residual_decay": 0.9}, 0.9),
-    ({"scope": "leaf"}, 1.0),
+@pytest.mark.parametrize("kwargs, decay, lowpass", [
+    ({}, 1.0, compressed_adam.DEFAULT_LOWPASS),  # the default: ScaleCom's filter
+    ({"residual_lowpass": 1.0}, 1.0, 1.0),        # plain error feedback
+    ({"residual_lowpass": 0.3, "scope": "leaf"}, 1.0, 0.3),
+    ({"second_moment": "shared", "refresh_every": 2, "residual_lowpass": 1.0}, 1.0, 1.0),
+    ({"basis": "dct", "chunk": 8, "residual_lowpass": 1.0}, 1.0, 1.0),
+    ({"method": "demo", "basis": "dct", "chunk": 8}, 0.9, 1.0),  # no filter by default
+    ({"method": "demo"}, 0.9, 1.0),
+    ({"residual_decay": 0.99, "residual_lowpass": 1.0}, 0.99, 1.0),
+    ({"scope": "global", "residual_decay": 0.9}, 0.9, compressed_adam.DEFAULT_LOWPASS),
+    ({"scope": "leaf", "residual_lowpass": 1.0}, 1.0, 1.0),
 ])
-def test_error_feedback_is_exact_for_every_mechanism(kwargs, decay):
+def test_error_feedback_is_exact_for_every_mechanism(kwargs, decay, lowpass):
   parts = hggjax.adamw_parts(LR, compressor="topk", density=0.1, weight_decay=WD, **kwargs)
   state = _local_chain_identity(parts, [helpers.gradients(t, shapes=SHAPES) for t in range(4)],
-                                decay)
+                                decay, lowpass)
   assert int(state.stats.selected) > 0
+
+
+def _residual_after_two_steps(**kwargs):
+  tx = hggjax.adamw(LR, compressor="topk", density=0.1, eps=0.5, **kwargs)
+  params = _params()
+  state = tx.init(params)
+  for t in range(2):
+    _, state = tx.update(helpers.gradients(t, shapes=SHAPES), state, params)
+  return hggjax.compression_state(state).residual
+
+
+@pytest.mark.parametrize("kwargs, filtered", [
+    ({}, True), ({"scope": "leaf"}, True), ({"method": "demo"}, False),
+    ({"mask_momentum": True}, False),
+])
+def test_the_low_pass_filter_is_on_by_default_only_where_it_applies(kwargs, filtered):
+  """By default the residual is the one of residual_lowpass=0.5 with Adam before the
+  compressor, of plain error feedback for DeMo (its residual is its momentum) and with
+  momentum masking; compressors without error feedback build as before."""
+  got = _residual_after_two_steps(**kwargs)
+  want = _residual_after_two_steps(
+      residual_lowpass=compressed_adam.DEFAULT_LOWPASS if filtered else 1.0, **kwargs)
+  chex.assert_trees_all_equal(got, want)
+  if not kwargs.get("mask_momentum"):  # (masking refuses the filter) the two differ
+    other = _residual_after_two_steps(
+        residual_lowpass=1.0 if filtered else compressed_adam.DEFAULT_LOWPASS, **kwargs)
+    assert any(not np.array_equal(a, b) for a, b in zip(got, other) if a is not None)
+  assert hggjax.compression_state(hggjax.adamw(LR, compressor="topk2").init(_params())).residual is None
 
 
 def test_demo_steps_by_the_sign_of_the_mean():
@@ -322,3 +362,85 @@ def test_stats_on_a_two_level_mesh_count_the_shared_refreshes():
   refresh = np.asarray(hggjax.stats(state)["refresh_bytes"])
   dense = sum(int(np.prod(s)) * 4 for s in SHAPES.values())
   np.testing.assert_array_equal(refresh, np.full(refresh.shape, dense, np.float32))  # step 1
+
+
+def _first_moment(state):
+  """This chain state's AdamState (anywhere inside it)."""
+  is_adam = lambda x: isinstance(x, hggjax.AdamState)  # noqa: E731
+  return next(x for x in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(x))
+
+
+@pytest.mark.parametrize("wire", [helpers.EXACT_WIRE, {}], ids=["exact", "default"])
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+def test_mask_momentum_zeroes_the_first_moment_exactly_where_this_device_sent(wire, decay):
+  """DGC's momentum factor masking: the same steps as without it on the first step, and
+  the first moment is the unmasked one with 0 where the step's update is not 0 (one
+  device: the update is what it sent), on later steps too."""
+  # eps near the gradients' size: Adam's first steps are then not all +-lr (ties in top-k).
+  kwargs = dict(compressor="topk", density=0.1, min_size=32, residual_decay=decay, eps=0.5,
+                **wire)
+  masked = hggjax.adamw(LR, mask_momentum=True, **kwargs)
+  plain_parts = hggjax.adamw_parts(LR, **kwargs)
+  params = _params()
+  state = masked.init(params)
+  for t in range(3):
+    g = _device_grads(t)[0]
+    # The reference: this step without masking, from the masked chain's own state.
+    moments, scale, comp = state[0]  # the chain's one part (no clipping, no decay)
+    x, m_ref = plain_parts.before[0].update(g, moments, params)
+    x, _ = plain_parts.before[1].update(x, scale, params)
+    want, _ = plain_parts.compressor.update(x, comp, params)
+    got, state = masked.update(g, state, params)
+    for k in SHAPES:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+    mu, mu_ref = _first_moment(state).mu["w"], m_ref.inner.mu["w"]
+    sent = np.asarray(want["w"]) != 0
+    assert sent.sum() == round(0.1 * mu.size)
+    np.testing.assert_array_equal(np.asarray(mu), np.where(sent, 0.0, np.asarray(mu_ref)))
+    # "b" (16 elements) is below min_size: sent dense every step, never masked.
+    np.testing.assert_array_equal(np.asarray(_first_moment(state).mu["b"]),
+                                  np.asarray(m_ref.inner.mu["b"]))
+
+
+def test_mask_momentum_on_a_nonfinite_step_masks_nothing():
+  tx = hggjax.adamw(LR, compressor="topk", density=0.1, mask_momentum=True)
+  params = _params()
+  state = tx.init(params)
+  _, state = tx.update(_device_grads(0)[0], state, params)
+  before = np.asarray(_first_moment(state).mu["w"])
+  nan = {k: np.full(s, np.nan, np.float32) for k, s in SHAPES.items()}
+  _, state = tx.update(nan, state, params)
+  np.testing.assert_array_equal(np.asarray(_first_moment(state).mu["w"]), before)
+
+
+def test_mask_momentum_sharded_equals_each_device_alone():
+  """Under shard_map each device masks its own first moment where it sent: the update
+  is the mean of the devices' own chains (no axis), each device's moment its chain's."""
+  kwargs = dict(compressor="topk", density=0.1, mask_momentum=True, eps=0.5,
+                **helpers.EXACT_WIRE)  # eps: no ties in the first steps (above)
+  outs, state = _run_sharded(hggjax.adamw(LR, axis_name="data", **kwargs), 3)
+  alone = hggjax.adamw(LR, **kwargs)
+  params = _params()
+  states = [alone.init(params) for _ in range(NUM_DEVICES)]
+  for t in range(3):
+    sent = []
+    for d, g in enumerate(_device_grads(t)):
+      s, states[d] = alone.update(g, states[d], params)
+      sent.append(s)
+    for k in SHAPES:
+      np.testing.assert_allclose(outs[t][k], np.mean([np.asarray(s[k]) for s in sent], axis=0),
+                                 rtol=1e-5, atol=1e-7)
+  mu = np.asarray(_first_moment(state).mu["w"])
+  for d in range(NUM_DEVICES):  # the same zeros; the rest to rounding (two programs)
+    own = np.asarray(_first_moment(states[d]).mu["w"])
+    np.testing.assert_array_equal(mu[d] == 0, own == 0)
+    np.testing.assert_allclose(mu[d], own, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"compressor": "none"}, {"compressor": "topk2"}, {"method": "demo"}, {"basis": "dct"},
+    {"compressor": hggjax.topk(0.1)}, {"error_feedback": False}, {"mask_momentum": 1},
+])
+def test_mask_momentum_needs_adam_and_a_residual(kwargs):
+  with pytest.raises(ValueError, match="mask_momentum"):
+    hggjax.adamw(LR, **{"mask_momentum": True, **kwargs})

@@ -130,3 +130,39 @@ def test_accumulated_is_what_the_selector_reads(name, momentum, scope):
             np.asarray(acc[leaf]), np.asarray(sent[leaf]) + np.asarray(residual), err_msg=leaf)
       elif name == "none":
         np.testing.assert_array_equal(np.asarray(acc[leaf]), np.asarray(sent[leaf]), err_msg=leaf)
+
+
+@pytest.mark.parametrize("scope", ["leaf", "global"])
+@pytest.mark.parametrize("name", ["topk", "hggtopk"])
+def test_low_pass_residual_is_the_filtered_plain_residual(name, scope):
+  """ScaleCom's filter: from the same state, residual' = (1 - b) residual + b x the plain
+  compressor's residual' (acc - sent), and the same values are sent; a skipped
+  (non-finite) step keeps the residual bit for bit."""
+  b = 0.3
+  kwargs = dict(density=0.05, scope=scope, **helpers.EXACT_WIRE)
+  filtered = hggjax.get_compressor(name, residual_lowpass=b, **kwargs)
+  plain = hggjax.get_compressor(name, **kwargs)
+  grads0 = helpers.gradients(0)
+  state = filtered.init(grads0)
+  for step in range(3):
+    grads = helpers.gradients(step)
+    sent, new = jax.jit(filtered.update)(grads, state)
+    want_sent, ref = jax.jit(plain.update)(grads, state)
+    chex.assert_trees_all_equal(sent, want_sent)
+    for old, got, unfiltered in zip(state.residual, new.residual, ref.residual):
+      np.testing.assert_allclose(
+          np.asarray(got), (1 - b) * np.asarray(old) + b * np.asarray(unfiltered),
+          rtol=1e-6, atol=1e-7)
+    state = new
+  nan = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), grads0)
+  _, skipped = jax.jit(filtered.update)(nan, state)
+  chex.assert_trees_all_equal(skipped.residual, state.residual)
+
+
+def test_low_pass_needs_error_feedback_and_a_share_in_0_1():
+  with pytest.raises(ValueError, match="residual_lowpass"):
+    hggjax.topk2(0.1, residual_lowpass=0.5)
+  with pytest.raises(ValueError, match="residual_lowpass"):
+    hggjax.topk(0.1, residual_lowpass=0.0)
+  with pytest.raises(ValueError, match="mask_momentum"):
+    hggjax.adamw(1e-3, mask_momentum=True, residual_lowpass=0.5)

@@ -119,6 +119,7 @@ FLAG_CASES = [
      {"exchange": "sparse_allreduce", "hosts": 2}),
     (["--scope", "global", "--residual-decay", "0.99"],
      {"scope": "global", "residual_decay": 0.99}),
+    (["--residual-lowpass", "0.5"], {"residual_lowpass": 0.5}),
     (["--value-dtype", "float8_e4m3fn", "--scale-group", "256", "--index-coding", "packed"],
      {"value_dtype": "float8_e4m3fn", "scale_group": 256, "index_coding": "packed"}),
     (["--value-dtype", "none", "--scale-group", "None", "--index-coding", "int32"],

@@ -22,6 +22,7 @@ from train.mesh import AXIS
     ({"exchange": "sparse_allreduce"}, {"momentum": 0.9, "exchange": "sparse_allreduce"}),
     ({"scope": "global", "residual_decay": 0.99},
      {"momentum": 0.9, "scope": "global", "residual_decay": 0.99}),
+    ({"residual_lowpass": 0.5}, {"momentum": 0.9, "residual_lowpass": 0.5}),
     ({"value_dtype": None, "scale_group": None, "index_coding": "int32"},
      {"momentum": 0.9, "value_dtype": None, "scale_group": None, "index_coding": "int32"}),
 ])

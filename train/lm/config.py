@@ -60,6 +60,11 @@ class LMConfig(Config):
   momentum_correction: bool = _field(
       False, "must stay off: it is DGC's SGD momentum inside the compressor; Adam keeps "
       "its own moments (--adam says where; docs/lm.md)")
+  residual_lowpass: float | None = _field(
+      None, "ScaleCom's low-pass filter: the residual kept is (1 - b) x the old one + b x "
+      "what was not sent, for b this value; default: hggjax.adamw's, 0.5 with Adam before "
+      "a compressor that keeps a residual (not with --method demo or --mask-momentum); 1: "
+      "plain error feedback")
   scope: str = _field(
       "global", "global: one selection over all compressed leaves together (density x "
       "their total), so the leaves whose Adam steps are largest get more of the budget; "
@@ -103,6 +108,14 @@ class LMConfig(Config):
                                     "step on (1-bit Adam's frozen variance; None: never "
                                     "frozen)")
   basis: str = _field("none", "none, or dct: select in chunked DCT-II coefficients (DeMo)")
+  density_warmup: str = _field(
+      "", "DGC's sparsity warm-up: comma-separated densities the compressor sends at "
+      "first, each for --density-warmup-every steps, before --density (e.g. "
+      "0.25,0.0625,0.015625; empty: none)")
+  density_warmup_every: int = _field(25, "steps per density of --density-warmup")
+  mask_momentum: bool = _field(
+      False, "DGC's momentum factor masking: each device's Adam first moment restarts "
+      "from 0 where its selection sent (hggjax.adamw's mask_momentum)")
   dct_chunk: int = _field(64, "the DCT's largest block length along an axis")
   clip_norm: float = _field(1.0, "clip gradients to this global L2 norm (0: no clipping)")
   clip_after_exchange: bool = _field(
@@ -119,6 +132,11 @@ class LMConfig(Config):
 
 
 LM_FIELDS = {f.name for f in dataclasses.fields(LMConfig)}
+
+
+def warmup_densities(cfg: LMConfig) -> tuple[float, ...]:
+  """--density-warmup as numbers (ValueError when one is not a number)."""
+  return tuple(float(d) for d in cfg.density_warmup.split(",") if d.strip())
 
 
 def adam_placement(cfg: LMConfig) -> str:
@@ -171,9 +189,27 @@ def validate_lm(cfg: LMConfig, compressor_names, n_devices: int | None = None) -
   chosen = [f"--{flag} {getattr(cfg, name)}" for name, flag, default in (
       ("method", "method", "adam"), ("second_moment", "second-moment", "local"),
       ("basis", "basis", "none")) if getattr(cfg, name) != default]
+  chosen += ["--mask-momentum"] if cfg.mask_momentum else []
+  chosen += [f"--density-warmup {cfg.density_warmup}"] if cfg.density_warmup else []
+  try:
+    warmup = warmup_densities(cfg)
+  except ValueError:
+    warmup = None
+  if warmup is None or not all(0 < d <= 1 for d in warmup) or cfg.density_warmup_every < 1:
+    raise UsageError("--density-warmup takes comma-separated densities in (0, 1] (e.g. "
+                     "0.25,0.0625) and --density-warmup-every a step count >= 1, got "
+                     f"{cfg.density_warmup!r} and {cfg.density_warmup_every}")
   if chosen and (adam_placement(cfg) != "before_compression" or cfg.compressor == "none"):
     raise UsageError(f"{' '.join(chosen)} shapes what the compressor sends: it needs a "
                      "compressor and Adam before it (--adam before_compression or auto)")
+  if cfg.mask_momentum:
+    from hggjax.registry import ERROR_FEEDBACK  # pylint: disable=import-outside-toplevel
+    if (cfg.method != "adam" or cfg.basis != "none" or cfg.residual_lowpass not in (None, 1.0)
+        or cfg.compressor not in ERROR_FEEDBACK):
+      raise UsageError("--mask-momentum resets Adam's first moment where the compressor "
+                       "sent: it needs --method adam, --basis none, no --residual-lowpass "
+                       "and a compressor with error feedback "
+                       f"({', '.join(sorted(ERROR_FEEDBACK))})")
   if cfg.method == "demo" and cfg.second_moment != "local":
     raise UsageError("--method demo keeps no second moment: leave --second-moment local")
   if cfg.method == "demo" and cfg.residual_decay != 1.0:

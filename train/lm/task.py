@@ -119,7 +119,7 @@ def lm_optimizer_parts(cfg, compressor: optax.GradientTransformation | None, tot
   builds the one `cfg` names (the harness), or a stand-in to use instead (tests)."""
   import hggjax  # pylint: disable=import-outside-toplevel
   from train import optim  # pylint: disable=import-outside-toplevel
-  from train.lm.config import adam_placement  # pylint: disable=import-outside-toplevel
+  from train.lm.config import adam_placement, warmup_densities  # pylint: disable=import-outside-toplevel
   from train.task import Optimizer  # pylint: disable=import-outside-toplevel
   schedule = lr_schedule(cfg, total_steps)
   options = optim.compressor_options(cfg, axis_name)
@@ -131,8 +131,12 @@ def lm_optimizer_parts(cfg, compressor: optax.GradientTransformation | None, tot
         weight_decay=cfg.weight_decay, mask=decay_mask, clip_norm=cfg.clip_norm or None,
         method=cfg.method, second_moment=cfg.second_moment, refresh_every=cfg.refresh_every,
         freeze_after=cfg.freeze_after, basis=None if cfg.basis == "none" else cfg.basis,
-        chunk=cfg.dct_chunk, axis_name=axis_name,
-        **({k: v for k, v in options.items() if k != "axis_name"} if by_name else {}))
+        chunk=cfg.dct_chunk, axis_name=axis_name, mask_momentum=cfg.mask_momentum,
+        residual_lowpass=cfg.residual_lowpass if by_name else None,
+        **({"density_warmup": warmup_densities(cfg), "warmup_every": cfg.density_warmup_every}
+           if cfg.density_warmup else {}),
+        **({k: v for k, v in options.items() if k not in ("axis_name", "residual_lowpass")}
+           if by_name else {}))
     return Optimizer(parts.before + (parts.compressor,) + parts.after, len(parts.before))
   if compressor is None:
     compressor = hggjax.get_compressor(cfg.compressor, **options)

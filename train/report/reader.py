@@ -215,7 +215,10 @@ def metrics(run: Run) -> dict[str, Any]:
   dense = last["dense_bytes"]
   # Per step over the run: a shared second moment's dense refreshes (cumulative in
   # refresh_bytes) spread over the steps taken.
-  sent = last["sent_bytes"] + last.get("refresh_bytes", 0.0) / max(1, last["step"])
+  if "run_sent_bytes" in last:  # every step's own bytes (e.g. a density warm-up's)
+    sent = (last["run_sent_bytes"] + last.get("refresh_bytes", 0.0)) / max(1, last["step"])
+  else:
+    sent = last["sent_bytes"] + last.get("refresh_bytes", 0.0) / max(1, last["step"])
   out.update({
       "sent_bytes": sent, "dense_bytes": dense,
       "bytes_ratio": sent / dense if dense else None,

@@ -91,6 +91,15 @@ def test_config_import_is_light():
     ({"second_moment": "shared", "adam": "after_exchange"}, "needs a compressor"),
     ({"refresh_every": 0}, "--refresh-every"),
     ({"freeze_after": 0}, "--freeze-after"),
+    ({"mask_momentum": True, "compressor": "none"}, "needs a compressor"),
+    ({"mask_momentum": True, "method": "demo"}, "--mask-momentum resets"),
+    ({"mask_momentum": True, "compressor": "topk2"}, "--mask-momentum resets"),
+    ({"mask_momentum": True, "residual_lowpass": 0.5}, "--mask-momentum resets"),
+    ({"residual_lowpass": 0.0}, "--residual-lowpass"),
+    ({"density_warmup": "0.25,x"}, "--density-warmup takes"),
+    ({"density_warmup": "0.25,2"}, "--density-warmup takes"),
+    ({"density_warmup": "0.25", "density_warmup_every": 0}, "--density-warmup takes"),
+    ({"density_warmup": "0.25", "compressor": "none"}, "needs a compressor"),
 ])
 def test_bad_compressed_adam_options_are_one_usage_error(changes, message):
   with pytest.raises(UsageError, match=message):

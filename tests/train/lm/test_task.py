@@ -147,3 +147,40 @@ def test_small_transformer_learns_with_hggtopk_at_one_percent():
   sent = optax.tree.get(opt_state, "sent_bytes")
   dense = optax.tree.get(opt_state, "dense_bytes")
   assert float(sent) < 0.2 * float(dense)  # it really compressed
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_mask_momentum_reaches_the_chain(mask):
+  """--mask-momentum: after a step, each compressed leaf's first moment is 0 where the
+  device sent (k of the 2048 elements here), and nowhere without it."""
+  params = {"a": jnp.zeros((64, 32))}
+  cfg = dataclasses.replace(LMConfig(min_size=10, warmup_steps=1, density=0.05),
+                            mask_momentum=mask)
+  tx = task.lm_optimizer(cfg, None, total_steps=10)
+  state = tx.init(params)
+  grads = {"a": jax.random.normal(jax.random.key(0), (64, 32))}
+  for _ in range(2):  # the first step's learning rate is 0 (warm-up from 0)
+    _, state = tx.update(grads, state, params)
+  is_adam = lambda x: isinstance(x, hggjax.AdamState)  # noqa: E731
+  adam = next(x for x in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(x))
+  zeros = int((np.asarray(adam.mu["a"]) == 0).sum())
+  assert zeros == (round(0.05 * 2048) if mask else 0)
+
+
+def _lm_residual(**changes):
+  params = {"a": jnp.zeros((64, 32))}
+  cfg = dataclasses.replace(LMConfig(min_size=10, warmup_steps=1, density=0.05), **changes)
+  tx = task.lm_optimizer(cfg, None, total_steps=10)
+  state = tx.init(params)
+  for t in range(3):
+    _, state = tx.update({"a": jax.random.normal(jax.random.key(t), (64, 32))}, state, params)
+  return hggjax.compression_state(state).residual
+
+
+def test_the_default_filters_the_residual_as_residual_lowpass_half():
+  """LMConfig's residual_lowpass None is hggjax.adamw's default (0.5 here); 1 is plain
+  error feedback, a different residual."""
+  default = _lm_residual()
+  chex.assert_trees_all_equal(default, _lm_residual(residual_lowpass=0.5))
+  plain = _lm_residual(residual_lowpass=1.0)
+  assert not np.array_equal(np.asarray(default[0]), np.asarray(plain[0]))
