@@ -318,8 +318,11 @@ def adamw_parts(
                      "leave residual_decay out.")
   if not isinstance(mask_momentum, bool):
     raise ValueError(f"mask_momentum must be True or False, got {mask_momentum!r}.")
-  if mask_momentum and (built or compressor not in ERROR_FEEDBACK or method != "adam"
-                        or basis is not None or compressor_options.get("error_feedback") is False
+  # A named compressor's residual: its constructor's default, or error_feedback= as given
+  # (randomk keeps one with error_feedback=True, topk none with False).
+  keeps_residual = not built and bool(compressor_options.get(
+      "error_feedback", compressor in ERROR_FEEDBACK))
+  if mask_momentum and (not keeps_residual or method != "adam" or basis is not None
                         or residual_lowpass not in (None, 1.0)):
     raise ValueError("mask_momentum=True resets Adam's first moment where the compressor "
                      "sent, which its residual tells: it needs method='adam', no basis, no "
@@ -350,9 +353,7 @@ def adamw_parts(
                    scope="global" if scope is None else scope)
     if method == "demo":
       options["residual_decay"] = b1
-    filtered = (method == "adam" and not mask_momentum and compressor in ERROR_FEEDBACK
-                and compressor_options.get("error_feedback") is not False)
-    if residual_lowpass is not None or filtered:
+    if residual_lowpass is not None or (method == "adam" and not mask_momentum and keeps_residual):
       options["residual_lowpass"] = DEFAULT_LOWPASS if residual_lowpass is None else residual_lowpass
     if density_warmup:
       tx = warmup_lib.density_warmup(
