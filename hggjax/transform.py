@@ -32,6 +32,7 @@ from hggjax import exchange as exchange_lib
 from hggjax import regions
 from hggjax import wire as wire_lib
 from hggjax.wire import saturating_cast
+from hggjax.kernels import topk as topk_kernels
 from hggjax.kernels.bits import MIN_FAST_N
 from hggjax.payload import Payload, Selection
 from hggjax.selectors.base import Selector
@@ -389,8 +390,7 @@ def sparsify(
         order = regions.region_order(payload.indices, n, p)
         payload = make_payload(x, order, ok, wire, groups, leaves)
       elif wire_format.packed and slow is not None:  # the position code needs them sorted
-        # Unstable: equal int32 keys are the same key (XLA:CPU's stable sort is slower).
-        order = jax.lax.sort(payload.indices, dimension=1, is_stable=False)
+        order = topk_kernels.sort_distinct(payload.indices, n)
         payload = make_payload(x, order, ok, wire, groups, leaves)
       mean, sent = exchange_lib.sparse_mean(payload, n, slow, scheme, positions, wire_format)
       # Step 4: what was not sent (including rounding to the wire dtype) stays.

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hggjax.kernels import bits
-from hggjax.kernels.scan import cumsum
+from hggjax.kernels.scan import cumsum, materialize
 
 INDEX_CODINGS = ("int32", "packed")
 # Names accepted for value_dtype (None: the gradient's own dtype).
@@ -205,22 +205,38 @@ def _value_words(coded: jax.Array) -> jax.Array:
 
 
 def _encode_positions(indices: jax.Array, universe: int) -> jax.Array:
-  """int32[..., index_words]: packed low parts, then the unary high parts."""
+  """int32[..., index_words]: packed low parts, then the unary high parts.
+
+  Each is written by one k-sized scatter-add into zeroed words: the ones' bits are
+  distinct (strictly increasing for sorted positions) and the low parts' bit ranges
+  disjoint, so adding is or-ing, with no C-bit boolean row to pack.
+  """
   *lead, c = indices.shape
   low = low_bits(c, universe)
-  indices = indices.astype(jnp.int32)
-  high_bits = c + (universe >> low)
+  indices = indices.astype(jnp.int32).reshape(-1, c)
   slot = jnp.arange(c, dtype=jnp.int32)
-  ones = (indices >> low) + slot  # strictly increasing for sorted positions
-  flat = ones.reshape(-1, c)
-  unary = jax.vmap(lambda o: jnp.zeros((_padded(high_bits),), bool).at[o].set(True))(flat)
-  words = [_pack_bits(unary.reshape(*lead, -1))]
+  ones = (indices >> low) + slot
+  unary_words = -(-(c + (universe >> low)) // 32)
+
+  def unary(o):
+    bit = jnp.uint32(1) << (o & 31).astype(jnp.uint32)
+    return jnp.zeros(unary_words, jnp.uint32).at[o >> 5].add(bit, indices_are_sorted=True)
+
+  words = [jax.vmap(unary)(ones)]
   if low:
-    parts = (indices[..., None] >> jnp.arange(low, dtype=jnp.int32)) & 1
-    parts = parts.reshape(*lead, c * low).astype(bool)
-    words.insert(0, _pack_bits(jnp.pad(parts, [(0, 0)] * len(lead)
-                                       + [(0, _padded(c * low) - c * low)])))
-  return jnp.concatenate(words, axis=-1)
+    nl = -(-c * low // 32)
+    at = slot * low
+    shift = (at & 31).astype(jnp.uint32)
+    straddles = shift + low > 32  # the part's top bits go into the next word
+
+    def parts(part):
+      spill = jnp.where(straddles, part >> jnp.where(straddles, 32 - shift, 0), 0)
+      w = jnp.zeros(nl + 1, jnp.uint32).at[at >> 5].add(part << shift, indices_are_sorted=True)
+      return w.at[(at >> 5) + 1].add(spill, indices_are_sorted=True)[:nl]
+
+    words.insert(0, jax.vmap(parts)((indices & ((1 << low) - 1)).astype(jnp.uint32)))
+  code = jnp.concatenate(words, axis=-1)
+  return jax.lax.bitcast_convert_type(code, jnp.int32).reshape(*lead, -1)
 
 
 def _decode_positions(code: jax.Array, c: int, universe: int) -> jax.Array:
@@ -238,9 +254,10 @@ def _decode_positions(code: jax.Array, c: int, universe: int) -> jax.Array:
   # i.e. word j = #(words w with ends[w] <= j): a histogram of the ends over [0, C] and
   # its prefix sum (XLA:CPU's searchsorted of C queries is several times slower).
   hist = jax.vmap(lambda e: jnp.zeros((c + 1,), jnp.int32).at[jnp.minimum(e, c)].add(1))(ends)
-  word = jax.vmap(cumsum)(hist[:, :c])
-  before = jnp.take_along_axis(ends, word, axis=1) - jnp.take_along_axis(counts, word, axis=1)
-  rank = slot - before  # set bits of slot j's word that come before it
+  word = jax.vmap(lambda h: cumsum(h, unary.shape[1]))(hist[:, :c])
+  # Materialised: left to fusion, XLA:CPU recomputed the prefix sums at every slot.
+  start = materialize(ends - counts)
+  rank = slot - jnp.take_along_axis(start, word, axis=1)  # set bits of its word before slot j
   high = word * 32 + _select_bit(jnp.take_along_axis(unary, word, axis=1), rank) - slot
   high = high.reshape(*lead, c)
   if not low:
@@ -267,15 +284,3 @@ def _select_bit(w: jax.Array, rank: jax.Array) -> jax.Array:
     pos = pos + jnp.where(up, width, 0).astype(jnp.uint32)
     rank = rank - jnp.where(up, below, 0)
   return pos.astype(jnp.int32)
-
-
-def _padded(bits: int) -> int:
-  return -(-bits // 32) * 32
-
-
-def _pack_bits(mask: jax.Array) -> jax.Array:
-  """int32[..., B / 32] from bool[..., B] (B a multiple of 32), bit j of word w = mask[32w + j]."""
-  *lead, b = mask.shape
-  lanes = mask.reshape(*lead, b // 32, 32).astype(jnp.uint32)
-  words = jnp.sum(lanes << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-  return jax.lax.bitcast_convert_type(words, jnp.int32)

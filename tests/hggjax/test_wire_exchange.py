@@ -113,7 +113,8 @@ def test_the_mean_is_what_every_residual_gave_up_in_wire_values(case):
     (BF16, {}),
     ({**BF16, "exchange": "sparse_allreduce"}, {}),
     (BF16, {"two_level": True}),
-], ids=["float32", "bfloat16", "sparse_allreduce", "two-level"])
+    ({**BF16, "scope": "global"}, {"density": 0.05}),  # 5000 slots: sorted by a bitmap
+], ids=["float32", "bfloat16", "sparse_allreduce", "two-level", "global-5%"])
 def test_packed_positions_change_nothing_but_the_bytes(options, kwargs):
   int32 = {**options, "index_coding": "int32"}
   for packed_step, int32_step in zip(_run(options, **kwargs), _run(int32, **kwargs)):

@@ -31,6 +31,50 @@ def test_compact_over_capacity_keeps_capacity_distinct_set_positions():
   assert len(set(pos.tolist())) == capacity and mask[pos].all()
 
 
+def test_compact_linear_returns_set_positions_sorted():
+  length, capacity = 5000, 400
+  mask = np.random.default_rng(4).random(length) < 0.05
+  lanes = np.pad(mask, (0, 5024 - length)).reshape(-1, 32).astype(np.uint32)
+  words = (lanes << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)  # bit j of word w: 32 w + j
+  pos, count = jax.jit(lambda w: topk.compact(w, length, capacity, linear=True))(words)
+  pos = np.asarray(pos)
+  assert int(count) == mask.sum()
+  np.testing.assert_array_equal(pos[: mask.sum()], np.flatnonzero(mask))  # in order
+  assert np.all(pos[mask.sum():] == length)
+
+
+def _shuffled_rows(rng, n, c, m, unused):
+  rows = []
+  for _ in range(m):
+    real = min(n, c - unused)
+    row = np.concatenate([rng.choice(n, real, replace=False), np.full(c - real, n)])
+    rng.shuffle(row)
+    rows.append(row.astype(np.int32))
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize("n, c, m, unused", [
+    (300_007, 5000, 3, 17),    # bitmap path, n not a multiple of 32
+    (100_000, 4096, 1, 0),     # bitmap path, every slot used
+    (40, 4096, 1, 4096 - 40),  # bitmap path, more slots than positions
+    (1_000_000, 5000, 2, 5),   # sparse: a sort
+    (50_000, 300, 2, 3),       # few slots: a sort
+])
+def test_sort_distinct_equals_numpy_sort(n, c, m, unused):
+  rows = _shuffled_rows(np.random.default_rng(5), n, c, m, unused)
+  got = jax.jit(topk.sort_distinct, static_argnums=1)(jnp.asarray(rows), n)
+  np.testing.assert_array_equal(np.asarray(got), np.sort(rows, axis=1))
+
+
+def test_sort_distinct_sorts_rows_with_a_repeated_position():
+  n, c = 200_000, 5000
+  rows = _shuffled_rows(np.random.default_rng(6), n, c, 2, 10)
+  assert n <= 64 * c  # the bitmap path
+  rows[1, :3] = rows[1, 3]  # the bitmap would carry: the fallback sorts
+  got = jax.jit(topk.sort_distinct, static_argnums=1)(jnp.asarray(rows), n)
+  np.testing.assert_array_equal(np.asarray(got), np.sort(rows, axis=1))
+
+
 def test_kth_largest_and_take_largest_with_ties():
   rng = np.random.default_rng(3)
   keys = rng.integers(0, 50, size=20_000).astype(np.int32)  # many ties
