@@ -1,4 +1,4 @@
-"""GPT-2 small (124M) with GPT-2's BPE on lm1b, hggtopk at 1%, for a GPU host (not run here).
+"""GPT-2 small (124M) with GPT-2's BPE on lm1b, hggtopk at 3%, for a GPU host (not run here).
 
   python -m train.lm --config configs/lm_gpt2_small.py --bpe-dir DIR --data-dir DIR
 

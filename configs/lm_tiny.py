@@ -1,5 +1,5 @@
 """The language-model CPU job: the tiny transformer on the Python standard library's own
-source as bytes, 4 CPU devices, hggtopk at 1% with Adam before the compressor.
+source as bytes, 4 CPU devices, hggtopk at 3% with Adam before the compressor.
 
   python -m train.lm --config configs/lm_tiny.py
 """

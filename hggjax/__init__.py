@@ -12,7 +12,7 @@ the residual keeps what was not sent and what rounding lost.
 For Adam(W), `hggjax.adamw` puts the compressor where it belongs (Adam's moments
 before it, on each device)::
 
-    tx = hggjax.adamw(lr, compressor="hggtopk", density=0.01, axis_name="data")
+    tx = hggjax.adamw(lr, compressor="hggtopk", density=0.03, axis_name="data")
 """
 
 from hggjax.compressed_adam import (AdamState, ChainParts, adam_moments, adamw, adamw_parts,

@@ -246,7 +246,7 @@ def adamw_parts(
     learning_rate: float | optax.Schedule,
     *,
     compressor: str | optax.GradientTransformation = "hggtopk",
-    density: float = 0.01,
+    density: float = 0.03,
     axis_name: str | tuple[str, str] | None = None,
     b1: float = 0.9,
     b2: float = 0.95,
@@ -383,7 +383,7 @@ def adamw(learning_rate: float | optax.Schedule, **kwargs) -> optax.GradientTran
   Example, in a ``jit(shard_map)`` step over "data" (README, docs/lm.md)::
 
       tx = hggjax.adamw(optax.warmup_cosine_decay_schedule(0, 2e-3, 100, 1200),
-                        compressor="hggtopk", density=0.01, axis_name="data",
+                        compressor="hggtopk", density=0.03, axis_name="data",
                         weight_decay=0.1, clip_norm=1.0)
       opt_state = hggjax.shard_state(tx.init(params), mesh, "data")
 
@@ -394,7 +394,10 @@ def adamw(learning_rate: float | optax.Schedule, **kwargs) -> optax.GradientTran
       ``hggjax.hggtopk(0.01, axis_name="data")`` (then `density` and the options
       are its own).
     density: the compressor's share of elements sent (with a name): of all compressed
-      leaves together by default, of each leaf with ``scope="leaf"``.
+      leaves together by default, of each leaf with ``scope="leaf"``. 0.03 (default):
+      with the other defaults, within 2.2% of dense AdamW's validation loss at 58x fewer
+      bytes in docs/lm.md's 1200-step transformer runs on two seeds (+4.5% on its
+      second corpus; 0.01: +4.3% to +7.0% at 122x).
     axis_name: the mapped axis (or (slow, fast) pair) the compressor exchanges over;
       Adam's moments are kept per device along it.
     b1, b2, eps: Adam's (b1 is DeMo's momentum decay with ``method="demo"``).

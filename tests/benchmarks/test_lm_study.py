@@ -23,9 +23,10 @@ def test_finished_runs_are_read_not_rerun_and_refreshes_count(tmp_path, capsys):
                         "--runs", "none,hggtopk-local,hggtopk-shared"]) == 0
   text = capsys.readouterr().out
   assert ("| hggtopk-local | `--scope leaf --value-dtype none --index-coding int32 "
-          "--residual-lowpass 1` | 2.1000 | +5.0% | 0.0 KiB | 50.0x |") in text
+          "--residual-lowpass 1 --density 0.01` | 2.1000 | +5.0% | 0.0 KiB | 50.0x |") in text
   assert ("| hggtopk-shared | `--scope leaf --value-dtype none --index-coding int32 "
-          "--second-moment shared --residual-lowpass 1` | 2.2000 | +10.0% | 0.0 KiB | 20.0x |") in text
+          "--second-moment shared --residual-lowpass 1 --density 0.01` | 2.2000 | +10.0% | "
+          "0.0 KiB | 20.0x |") in text
   study = json.loads(out.read_text())
   assert [r["run"] for r in study["rows"]] == ["none", "hggtopk-local", "hggtopk-shared"]
   assert lm_study.main(["--render", str(out)]) == 0
@@ -37,12 +38,22 @@ def test_rows_that_ran_without_the_default_filter_pin_it_off():
   the exchange, momentum masking and the filter's own rows do not add it."""
   runs = lm_study.RUNS
   for name in ("hggtopk-global", "hggtopk-local", "hggtopk-leader", "hggtopk-global-warmup"):
-    assert runs[name][-2:] == ["--residual-lowpass", "1"], name
+    assert runs[name][-4:-2] == ["--residual-lowpass", "1"], name
   for name in ("none", "none-adam-before", "hggtopk-demo", "hggtopk-adam-after",
                "hggtopk-global-mask"):
     assert "--residual-lowpass" not in runs[name], name
   assert runs["hggtopk-global-lowpass0.5"].count("--residual-lowpass") == 1
-  assert runs["hggtopk-global-lowpass0.5"][-1] == "0.5"
+  assert runs["hggtopk-global-lowpass0.5"][-3] == "0.5"
+
+
+def test_rows_at_one_percent_name_their_density():
+  """python -m train.lm sends 3% by default: every compressed row names its density, the
+  dense rows none."""
+  for name, flags in lm_study.RUNS.items():
+    assert ("--density" in flags) == ("--compressor" not in flags), name
+    assert flags.count("--density") <= 1, name
+  assert lm_study.RUNS["hggtopk-global"][-2:] == ["--density", "0.01"]
+  assert lm_study.RUNS["hggtopk-global-d0.05"].count("0.01") == 0
 
 
 def test_an_unknown_run_is_one_line(capsys):

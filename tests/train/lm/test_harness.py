@@ -194,7 +194,7 @@ def test_tiny_config_is_the_embedded_default():
   cfg = load_config_file(os.path.join(ROOT, "configs", "lm_tiny.py"), LMConfig)
   assert cfg == dataclasses.replace(LMConfig(), devices=4)
   gpt2 = load_config_file(os.path.join(ROOT, "configs", "lm_gpt2_small.py"), LMConfig)
-  assert (gpt2.model, gpt2.compressor, gpt2.density) == ("gpt2-small", "hggtopk", 0.01)
+  assert (gpt2.model, gpt2.compressor, gpt2.density) == ("gpt2-small", "hggtopk", 0.03)
 
 
 @pytest.mark.slow
